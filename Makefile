@@ -1,0 +1,40 @@
+# The entry points a newcomer types. Each target sets itself up: virtual environment, torch,
+# dependencies and the build of pyfast._C (CPU kernels, plus CUDA kernels where nvcc and a CUDA
+# build of torch exist). Set PYFAST_BUILD_CUDA=0 for a quick CPU-only build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch the extension is built against and runs with (pip's cap on these machines).
+TORCH_SPEC ?= torch==2.14.1
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
+	# --no-build-isolation: compile against the torch installed above, not a second copy.
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,gguf]"
+	$(PY) -c "import pyfast; print('pyfast', pyfast.__version__, pyfast.extension_info())"
+	touch $@
+
+demo: install
+	$(VENV)/bin/pyfast bench optim --output results/bench_optim
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check pyfast tests benchmarks
+	$(VENV)/bin/ruff format --check pyfast tests benchmarks
+
+clean:
+	rm -rf build $(VENV) pyfast/_C*.so *.egg-info

@@ -1,0 +1,35 @@
+// Declarations of every kernel entry point. The schemas live in registration.cpp; CPU
+// implementations in cpu/<stem>.cpp, CUDA implementations in cuda/<stem>.cu.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+
+#include <ATen/core/List.h>
+
+namespace pyfast {
+
+using TensorList = at::TensorList;
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
+
+// fused_adamw_: AdamW over a tensor list in one pass (see cpu/fused_adamw.cpp for the math).
+void fused_adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
+                     TensorList exp_avg_sqs, const OptTensorList& masks, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int64_t step,
+                     const std::optional<at::Tensor>& grad_scale);
+// grad_norm: global L2 norm of a tensor list (trainable elements only when masks are given).
+at::Tensor grad_norm_cpu(TensorList tensors, const OptTensorList& masks);
+// grad_mask_: zero the frozen elements / rows of each tensor in place.
+void grad_mask_cpu(TensorList grads, const OptTensorList& masks);
+
+#ifdef PYFAST_WITH_CUDA
+void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+                      TensorList exp_avg_sqs, const OptTensorList& masks, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, int64_t step,
+                      const std::optional<at::Tensor>& grad_scale);
+at::Tensor grad_norm_cuda(TensorList tensors, const OptTensorList& masks);
+void grad_mask_cuda(TensorList grads, const OptTensorList& masks);
+#endif
+
+}  // namespace pyfast

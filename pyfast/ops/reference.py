@@ -1,0 +1,88 @@
+"""Pure-PyTorch twins of every pyfast op: same names, same signatures, same semantics.
+
+They are the test oracle, the stock-PyTorch provider of the benchmarks, and the fallback when the
+compiled extension is unavailable. Written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _trainable(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """The mask broadcast to `like`'s shape (per-row masks gain trailing singleton dims)."""
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    if mask.shape != like.shape:
+        mask = mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+    return mask
+
+
+def _mask_at(masks: Sequence[Tensor | None], i: int) -> Tensor | None:
+    return masks[i] if len(masks) else None
+
+
+def fused_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """AdamW (decoupled weight decay, bias correction) in float32 math, in place.
+
+    Frozen entries of `masks` (false) leave param, exp_avg and exp_avg_sq unchanged.
+    """
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = math.sqrt(1.0 - beta2**step)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        gf = g.float()
+        if grad_scale is not None:
+            gf = gf * grad_scale.to(gf.device)
+        m_new = m.float().lerp(gf, 1.0 - beta1)
+        v_new = v.float() * beta2 + ((1.0 - beta2) * gf) * gf
+        p_new = p.float() * (1.0 - lr * weight_decay)
+        p_new = p_new + (-(lr / bc1) * m_new) / (v_new.sqrt() / bc2_sqrt + eps)
+        keep = _trainable(_mask_at(masks, i), p)
+        if keep is not None:
+            p_new = torch.where(keep, p_new, p.float())
+            m_new = torch.where(keep, m_new, m.float())
+            v_new = torch.where(keep, v_new, v.float())
+        p.copy_(p_new)
+        m.copy_(m_new)
+        v.copy_(v_new)
+
+
+def grad_norm(tensors: Sequence[Tensor], masks: Sequence[Tensor | None]) -> Tensor:
+    """Global L2 norm over a tensor list (trainable entries only), a 0-dim float32 tensor."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        x = t.double()
+        keep = _trainable(_mask_at(masks, i), t)
+        if keep is not None:
+            x = torch.where(keep, x, 0.0)
+        total = total + (x * x).sum()
+    return total.sqrt().float()
+
+
+def grad_mask_(grads: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
+    """Zeroes, in place, the gradient of every frozen element or row."""
+    for g, mask in zip(grads, masks, strict=True):
+        keep = _trainable(mask, g)
+        if keep is not None:
+            g.masked_fill_(~keep, 0)

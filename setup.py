@@ -1,0 +1,122 @@
+"""Builds pyfast._C, the torch extension behind torch.ops.pyfast.*.
+
+CPU kernels are always built, with the host's SIMD level (AVX512 / AVX2 / DEFAULT, from
+torch.backends.cpu.get_cpu_capability(), or PYFAST_CPU_CAPABILITY). CUDA kernels are built when
+nvcc is found and torch is a CUDA build, unless PYFAST_BUILD_CUDA=0 (quick CPU-only iteration).
+CUDA targets sm_90 plus PTX unless TORCH_CUDA_ARCH_LIST says otherwise.
+
+Install with `pip install --no-build-isolation -e .` after torch is installed, so that the
+extension is compiled against the very torch it runs with (see README, "Installing").
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+# The source lists are explicit; tests/test_build.py checks that CMakeLists.txt lists the same.
+CPU_SOURCES = [
+    "csrc/registration.cpp",
+    "csrc/cpu/fused_adamw.cpp",
+    "csrc/cpu/grad_norm.cpp",
+    "csrc/cpu/grad_mask.cpp",
+]
+CUDA_SOURCES = [
+    "csrc/cuda/fused_adamw.cu",
+    "csrc/cuda/grad_mask.cu",
+]
+
+# -m flags that match each at::vec capability macro.
+CPU_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": [],
+}
+
+
+def cpu_capability():
+    """The SIMD level to compile the CPU kernels for (the build host's, unless overridden)."""
+    import torch
+
+    cap = os.environ.get("PYFAST_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    cap = cap.upper()
+    if cap.startswith("AVX512"):
+        cap = "AVX512"
+    if cap not in CPU_CAPABILITY_FLAGS:
+        cap = "DEFAULT"
+    return cap
+
+
+def cuda_wanted():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if os.environ.get("PYFAST_BUILD_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def nvidia_wheel_includes():
+    """Header folders of the NVIDIA wheels torch depends on (cuBLAS, cuSPARSE, cuSOLVER...).
+
+    ATen's CUDA headers include cublas_v2.h etc.; a bare toolkit may lack them, the wheels have them.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in list(nvidia.__path__):
+        for header in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h")):
+            found.append(os.path.dirname(header))
+    return sorted(set(found))
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cap = cpu_capability()
+    cxx = [
+        "-O3",
+        
+        "-fopenmp",
+        "-fno-math-errno",
+        "-Wno-unknown-pragmas",
+        f"-DCPU_CAPABILITY={cap}",
+        f"-DCPU_CAPABILITY_{cap}",
+        f'-DPYFAST_CPU_CAPABILITY_NAME="{cap}"',
+    ] + CPU_CAPABILITY_FLAGS[cap]
+    if cap == "DEFAULT":  # at::vec's generic path defines no CPU_CAPABILITY_DEFAULT macro use
+        cxx = [f for f in cxx if f != "-DCPU_CAPABILITY_DEFAULT"]
+    link = ["-fopenmp"]
+    if not cuda_wanted():
+        print(f"pyfast: building CPU kernels only (SIMD: {cap})", file=sys.stderr)
+        return [CppExtension("pyfast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx},
+                             extra_link_args=link)]
+    nvcc = ["-O3",  "--use_fast_math", "-lineinfo", "-DPYFAST_WITH_CUDA"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc += ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+    print(f"pyfast: building CPU (SIMD: {cap}) and CUDA kernels", file=sys.stderr)
+    return [
+        CUDAExtension(
+            "pyfast._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=nvidia_wheel_includes(),
+            extra_compile_args={"cxx": cxx + ["-DPYFAST_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    ]
+
+
+def build_ext_cls():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    packages=find_packages(include=["pyfast", "pyfast.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_cls()},
+)
