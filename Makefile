@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint cmake-asan clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,17 @@ lint: install
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check pyfast tests benchmarks
 	$(VENV)/bin/ruff format --check pyfast tests benchmarks
+
+# AddressSanitizer build of the CPU kernels through CMakeLists.txt, then the op tests against it.
+cmake-asan: install
+	cmake -S . -B build/asan -G Ninja -DPYFAST_BUILD_CUDA=OFF -DPYFAST_SANITIZE=address \
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/asan -j2
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg && cp -r pyfast build/asan/pkg/
+	rm -f build/asan/pkg/pyfast/_C*.so && cp build/asan/_C*.so build/asan/pkg/pyfast/
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	  PYTHONPATH=build/asan/pkg PYFAST_BUILD_CUDA=0 $(PY) -m pytest -q -p no:cacheprovider tests/ops
 
 clean:
 	rm -rf build $(VENV) pyfast/_C*.so *.egg-info

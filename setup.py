@@ -15,6 +15,11 @@ import sys
 
 from setuptools import find_packages, setup
 
+# A `nvcc` wrapper on PATH (as on these machines) makes torch guess CUDA_HOME=/usr/local; point
+# it at the real toolkit when one sits in the conventional place (before torch reads it).
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 # The source lists are explicit; tests/test_build.py checks that CMakeLists.txt lists the same.
 CPU_SOURCES = [
     "csrc/registration.cpp",
@@ -83,6 +88,7 @@ def extensions():
         "-fopenmp",
         "-fno-math-errno",
         "-Wno-unknown-pragmas",
+        "-g0",  # Python's CFLAGS carry -g: debug info doubles compile time and .so size
         f"-DCPU_CAPABILITY={cap}",
         f"-DCPU_CAPABILITY_{cap}",
         f'-DPYFAST_CPU_CAPABILITY_NAME="{cap}"',

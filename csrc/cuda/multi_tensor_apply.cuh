@@ -13,12 +13,14 @@
 // pointers are 16-byte aligned; an element-at-a-time path otherwise and for the last < W
 // elements of a tensor).
 //
-// Masks (true = trainable): per element (MaskKind::kElement: W mask bytes read with one load) or
-// per row of dim 0 (MaskKind::kRow: the row of each W-vector is computed with a 32-bit division
-// and its one flag byte read). The set of trainable lanes of a vector is known before any tensor
-// data is read, so vectors wholly inside frozen rows are never read nor written. A Body functor
-// supplies the per-vector work:
+// Masks (true = trainable; bool or uint8, any non-zero byte): per element (MaskKind::kElement:
+// the W mask bytes of a vector in one load) or per row of dim 0 (MaskKind::kRow: the row of each
+// vector is computed, with a 32-bit division for rows shorter than a chunk, and its one flag
+// byte read). A vector's trainable lanes are known before any tensor data is read, so vectors
+// wholly inside frozen rows are never read nor written. No host sync anywhere: masks are only
+// read on the device. A Body functor supplies the per-vector work:
 //   static constexpr int kW;                              lanes per vector (4 or 8)
+//   static constexpr bool kBatchLoads;                    unroll full chunks (read-only bodies)
 //   template <class Meta> void begin(const Meta&, int t); load tensor t's pointers
 //   void vec(int64_t i, uint32_t act);                    elements [i, i + kW); bit j of act set
 //                                                         = lane j is to be processed
@@ -163,13 +165,15 @@ template <int W>
 __device__ __forceinline__ void store_vec(float* p, const float (&v)[W]) {
 #pragma unroll
   for (int k = 0; k < W / 4; ++k)
-    reinterpret_cast<float4*>(p)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+    reinterpret_cast<float4*>(p)[k] =
+        make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
 }
 template <int W>
 __device__ __forceinline__ void store_vec(bf16_bits* p, const float (&v)[W]) {
   uint32_t w[W / 2];
 #pragma unroll
-  for (int k = 0; k < W / 2; ++k) w[k] = float_to_bf16(v[2 * k]) | (float_to_bf16(v[2 * k + 1]) << 16);
+  for (int k = 0; k < W / 2; ++k)
+    w[k] = float_to_bf16(v[2 * k]) | (float_to_bf16(v[2 * k + 1]) << 16);
   if constexpr (W == 8) {
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
   } else {
@@ -202,19 +206,35 @@ struct MaskView {
 };
 
 // Row of element i (inside the current chunk) and i's offset within that row. The offset from
-// row_base is below kChunk + row_len, so a 32-bit division does unless rows exceed 2^31 elements.
+// row_base is below kChunk + row_len: rows of at least kChunk elements leave at most one row
+// boundary in a chunk (no division), shorter ones need a 32-bit division.
 __device__ __forceinline__ void row_of(const MaskView& mv, int64_t i, int64_t& row, int64_t& rem) {
   const int64_t off = i - mv.row_base;
-  if (mv.row_len <= INT32_MAX) {
+  if (mv.row_len >= kChunk) {
+    const bool next = off >= mv.row_len;
+    row = mv.row0 + next;
+    rem = next ? off - mv.row_len : off;
+  } else {
     const uint32_t o = static_cast<uint32_t>(off), len = static_cast<uint32_t>(mv.row_len);
     const uint32_t q = o / len;
     row = mv.row0 + q;
     rem = o - q * len;
-  } else {
-    const int64_t q = off / mv.row_len;
-    row = mv.row0 + q;
-    rem = off - q * mv.row_len;
   }
+}
+
+// Trainable lanes of W elements starting at offset rem of row `row`, crossing into later rows
+// (rows shorter than W, or a vector on a row boundary): the rare case, kept small (a rolled
+// loop rather than an out-of-line call, which would make callers spill around it).
+template <int W>
+__device__ __forceinline__ uint32_t row_lanes_crossing(const uint8_t* mask, int64_t row,
+                                                       int64_t rem, int64_t row_len) {
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int j = 0; j < W; ++j) {
+    if (__ldg(mask + row)) bits |= 1u << j;
+    if (++rem == row_len) rem = 0, ++row;
+  }
+  return bits;
 }
 
 // Trainable lanes of elements [i, i + W) (all inside the tensor; i a multiple of W).
@@ -232,14 +252,8 @@ __device__ __forceinline__ uint32_t trainable_lanes(const MaskView& mv, int64_t 
   } else if constexpr (KIND == kKindRow) {
     int64_t row, rem;
     row_of(mv, i, row, rem);
-    if (rem + W <= mv.row_len) return __ldg(mv.mask + row) ? kFull : 0u;  // one row
-    uint32_t bits = 0;  // the vector crosses row boundaries
-#pragma unroll
-    for (int j = 0; j < W; ++j) {
-      if (__ldg(mv.mask + row)) bits |= 1u << j;
-      if (++rem == mv.row_len) rem = 0, ++row;
-    }
-    return bits;
+    if (rem + W <= mv.row_len) return __ldg(mv.mask + row) ? kFull : 0u;  // within one row
+    return row_lanes_crossing<W>(mv.mask, row, rem, mv.row_len);
   } else {
     return kFull;
   }
@@ -270,17 +284,25 @@ __device__ __forceinline__ void walk_chunk(Body& body, const MaskView& mv, int64
   const int tid = static_cast<int>(threadIdx.x);
   int done = 0;
   if (aligned) {
-    if (n == kChunk) {  // full chunk: a fixed trip count, unrolled so loads can be batched
+    if (Body::kBatchLoads && n == kChunk) {
+      // Full chunk of a read-only body: a fixed trip count, unrolled so that the loads of all
+      // its vectors can be in flight at once. (A body that stores gains nothing: its stores
+      // may alias the next vector's loads.) All masks first, so that the data loads, predicated
+      // on them, are not separated by mask reads.
+      constexpr int kVecs = kChunk / (kBlock * W);
+      uint32_t act[kVecs];
 #pragma unroll
-      for (int k = 0; k < kChunk / (kBlock * W); ++k) {
-        const int64_t i = base + static_cast<int64_t>(k * kBlock + tid) * W;
-        uint32_t act = trainable_lanes<KIND, W>(mv, i);
-        if (kOnFrozen) act = ~act & kFull;
-        if (act != 0) body.vec(i, act);
+      for (int k = 0; k < kVecs; ++k) {
+        act[k] = trainable_lanes<KIND, W>(mv, base + static_cast<int64_t>(k * kBlock + tid) * W);
+        if (kOnFrozen) act[k] = ~act[k] & kFull;
       }
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k)
+        if (act[k] != 0) body.vec(base + static_cast<int64_t>(k * kBlock + tid) * W, act[k]);
       return;
     }
     const int nvec = n / W;
+#pragma unroll 1
     for (int v = tid; v < nvec; v += kBlock) {
       const int64_t i = base + static_cast<int64_t>(v) * W;
       uint32_t act = trainable_lanes<KIND, W>(mv, i);
@@ -372,7 +394,8 @@ std::vector<TensorListMeta<DEPTH>> pack_tensor_lists(const std::vector<MtaTensor
       cur.ptr[d][nt] = e.ptr[d];
       aligned = aligned && reinterpret_cast<uintptr_t>(e.ptr[d]) % 16 == 0;
     }
-    if (e.kind == MaskKind::kElement) aligned = aligned && reinterpret_cast<uintptr_t>(e.mask) % 8 == 0;
+    if (e.kind == MaskKind::kElement)  // W mask bytes per load
+      aligned = aligned && reinterpret_cast<uintptr_t>(e.mask) % 8 == 0;
     cur.mask[nt] = e.mask;
     cur.numel[nt] = e.numel;
     cur.row_len[nt] = e.row_len;

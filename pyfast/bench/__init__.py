@@ -1,0 +1,1 @@
+"""Side-by-side kernel benchmarks against stock PyTorch (``pyfast bench``)."""

@@ -1,0 +1,159 @@
+"""Timing, peak memory, device ceilings and reporting shared by the kernel benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyfast.io import atomic_write
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory added while the block runs, in bytes.
+
+    CUDA: torch's allocator peak above what was allocated at entry. CPU (Linux): the process's
+    peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set at entry,
+    which counts every allocation torch makes, temporaries included.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self._base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _rss_kib("VmHWM") * 1024
+        self.peak_bytes = max(0, peak - self._base)
+        return False
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    min_s: float
+    rounds: int
+    times_s: list[float] = field(repr=False)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, rounds: int = 7,
+            warmup: int = 1) -> Timing:  # fmt: skip
+    """Median and interquartile range of `rounds` calls of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times), q[2] - q[0], min(times), rounds, times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, rounds: int = 5) -> float:
+    """The device's measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, rounds=rounds)
+    return 2 * nbytes / t.median_s / 1e9
+
+
+def matmul_tflops(device: torch.device, n: int = 2048, dtype=torch.float32) -> float:
+    """The device's measured dense matmul throughput in TFLOP/s (n x n x n)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, rounds=3)
+    return 2 * n**3 / t.median_s / 1e12
+
+
+@dataclass
+class Result:
+    """One (case, provider) measurement."""
+
+    case: str
+    provider: str
+    median_ms: float
+    iqr_ms: float
+    bytes_moved: int
+    gbps: float
+    peak_mem_mb: float
+    speedup: float | None = None  # against the case's stock-PyTorch baseline
+    baseline: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def markdown_table(results: list[Result], ceiling_gbps: float | None) -> str:
+    head = "| case | provider | median ms | IQR ms | speed-up | GB/s | % of copy BW | peak extra MB |"
+    lines = [head, "|" + "---|" * 8]
+    for r in results:
+        ratio = "—" if r.speedup is None else f"{r.speedup:.2f}x vs {r.baseline}"
+        pct = f"{100 * r.gbps / ceiling_gbps:.0f}%" if ceiling_gbps and r.bytes_moved else "—"
+        gbps = f"{r.gbps:.1f}" if r.bytes_moved else "—"
+        lines.append(f"| {r.case} | {r.provider} | {r.median_ms:.1f} | {r.iqr_ms:.1f} | {ratio} "
+                     f"| {gbps} | {pct} | {r.peak_mem_mb:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_speedups(results: list[Result], path: Path, title: str) -> Path | None:
+    """A horizontal bar chart of the speed-ups against stock PyTorch (PNG, written atomically)."""
+    rows = [r for r in results if r.speedup is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.case}: {r.provider}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    bars = ax.barh(labels, [r.speedup for r in rows], color="#3b7dd8")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.bar_label(bars, fmt="%.2fx", padding=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the stock-PyTorch baseline (higher is better)")
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
