@@ -10,12 +10,21 @@ def _bench(sub):
     from pyfast.bench.report import SUITES
 
     p = sub.add_parser("bench", help="time pyfast's kernels against stock PyTorch, side by side")
-    p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"],
-                   help="which kernel family to run (default: all)")  # fmt: skip
+    p.add_argument(
+        "suite",
+        nargs="?",
+        default="all",
+        choices=[*SUITES, "all"],
+        help="which kernel family to run (default: all)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--output", default="results/bench", help="folder for results.json/.md/.png")
-    p.add_argument("--size", default="all", choices=["small", "smollm2-135m", "all"],
-                   help="optimizer parameter set (default: both)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        default="all",
+        choices=["small", "smollm2-135m", "all"],
+        help="optimizer parameter set (default: both)",
+    )
     p.add_argument("--rounds", type=int, default=7, help="timed repetitions per provider")
 
     def run(args):

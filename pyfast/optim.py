@@ -75,10 +75,12 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(
-                f"FusedAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}"
+                "FusedAdamW: state_dtype must be torch.float32 or torch.bfloat16, "
+                f"got {state_dtype}"
             )
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        **_TORCH_GROUP_DEFAULTS)  # fmt: skip
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **_TORCH_GROUP_DEFAULTS
+        )
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.state_dtype = state_dtype or torch.float32
@@ -113,10 +115,12 @@ class FusedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype,
-                                                memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype,
-                                                   memory_format=torch.contiguous_format)
+            state["exp_avg"] = torch.zeros_like(
+                p, dtype=self.state_dtype, memory_format=torch.contiguous_format
+            )
+            state["exp_avg_sq"] = torch.zeros_like(
+                p, dtype=self.state_dtype, memory_format=torch.contiguous_format
+            )
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -157,8 +161,9 @@ class FusedAdamW(torch.optim.Optimizer):
             masks.append(self._masks.get(id(p)))
         if not by_device:
             return None
-        norms = [grad_norm(g, m if any(x is not None for x in m) else []) for g, m in
-                 by_device.values()]  # fmt: skip
+        norms = [
+            grad_norm(g, m if any(x is not None for x in m) else []) for g, m in by_device.values()
+        ]
         first = norms[0].device
         total = norms[0] if len(norms) == 1 else torch.stack([n.to(first) for n in norms]).norm()
         self.last_grad_norm = total
@@ -195,8 +200,17 @@ class FusedAdamW(torch.optim.Optimizer):
                 masks.append(self._masks.get(id(p)))
             for (device, _, _, step), (ps, gs, ms, vs, masks) in buckets.items():
                 fused_adamw_(
-                    ps, gs, ms, vs, masks if any(m is not None for m in masks) else [],
-                    float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step,
+                    ps,
+                    gs,
+                    ms,
+                    vs,
+                    masks if any(m is not None for m in masks) else [],
+                    float(group["lr"]),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    step,
                     None if scale is None else scale.to(device),
-                )  # fmt: skip
+                )
         return loss

@@ -6,7 +6,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pyfast  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -37,7 +37,9 @@ def test_cmake_and_setup_list_the_same_sources():
     lists = setup_py_lists()
     assert cmake_list("PYFAST_CPU_SOURCES") == lists["CPU_SOURCES"]
     assert cmake_list("PYFAST_CUDA_SOURCES") == lists["CUDA_SOURCES"]
-    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu")}
+    on_disk = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu")
+    }
     assert on_disk == set(lists["CPU_SOURCES"]) | set(lists["CUDA_SOURCES"])
 
 
@@ -52,8 +54,11 @@ def test_every_schema_has_a_cpu_kernel_and_a_python_wrapper():
 
 
 def test_cuda_kernels_built_where_toolkit_exists():
-    wanted = (torch.version.cuda is not None and shutil.which("nvcc") is not None
-              and os.environ.get("PYFAST_BUILD_CUDA", "1") != "0")  # fmt: skip
+    wanted = (
+        torch.version.cuda is not None
+        and shutil.which("nvcc") is not None
+        and os.environ.get("PYFAST_BUILD_CUDA", "1") != "0"
+    )
     assert pyfast.HAS_C
     assert pyfast.HAS_CUDA_KERNELS == wanted, pyfast.extension_info()
 
@@ -75,7 +80,8 @@ def test_import_without_extension_warns_once_and_falls_back():
         "print('fallback ok')\n"
     )
     env = dict(os.environ, PYFAST_DISABLE_C="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout

@@ -71,8 +71,9 @@ class Timing:
     times_s: list[float] = field(repr=False)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, rounds: int = 7,
-            warmup: int = 1) -> Timing:  # fmt: skip
+def time_fn(
+    fn: Callable[[], object], device: torch.device, rounds: int = 7, warmup: int = 1
+) -> Timing:
     """Median and interquartile range of `rounds` calls of `fn` after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -124,14 +125,18 @@ class Result:
 
 
 def markdown_table(results: list[Result], ceiling_gbps: float | None) -> str:
-    head = "| case | provider | median ms | IQR ms | speed-up | GB/s | % of copy BW | peak extra MB |"
+    head = (
+        "| case | provider | median ms | IQR ms | speed-up | GB/s | % of copy BW | peak extra MB |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in results:
         ratio = "—" if r.speedup is None else f"{r.speedup:.2f}x vs {r.baseline}"
         pct = f"{100 * r.gbps / ceiling_gbps:.0f}%" if ceiling_gbps and r.bytes_moved else "—"
         gbps = f"{r.gbps:.1f}" if r.bytes_moved else "—"
-        lines.append(f"| {r.case} | {r.provider} | {r.median_ms:.1f} | {r.iqr_ms:.1f} | {ratio} "
-                     f"| {gbps} | {pct} | {r.peak_mem_mb:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r.case} | {r.provider} | {r.median_ms:.1f} | {r.iqr_ms:.1f} | {ratio} "
+            f"| {gbps} | {pct} | {r.peak_mem_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 

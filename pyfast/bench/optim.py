@@ -56,8 +56,11 @@ def numel(params) -> int:
 def row_masks(params, trainable_fraction: float, seed: int = 0) -> dict[Tensor, Tensor]:
     """Per-row masks freezing all but `trainable_fraction` of the rows of every matrix."""
     gen = torch.Generator().manual_seed(seed)
-    return {p: (torch.rand(p.shape[0], generator=gen) < trainable_fraction).to(p.device)
-            for p in params if p.dim() == 2}  # fmt: skip
+    return {
+        p: (torch.rand(p.shape[0], generator=gen) < trainable_fraction).to(p.device)
+        for p in params
+        if p.dim() == 2
+    }
 
 
 def deepspeed_cpu_adam():
@@ -104,23 +107,28 @@ def case_providers(case: str, device: torch.device):
         baselines = [p for p in ("torch-fused", "deepspeed-cpuadam") if p in steps]
         return steps, baselines
     if case == "clip+step":
-        out = {name: (lambda ps, f=f: clip_then(f(ps), ps)) for name, f in steps.items()
-               if name != "pyfast"}  # fmt: skip
+        out = {
+            name: (lambda ps, f=f: clip_then(f(ps), ps))
+            for name, f in steps.items()
+            if name != "pyfast"
+        }
         out["pyfast"] = lambda ps: FusedAdamW(ps, lr=lr, weight_decay=wd, max_grad_norm=1.0).step
         return out, [p for p in ("torch-fused", "deepspeed-cpuadam") if p in out]
     if case == "frozen90":
         out = {
             "pyfast-unmasked": steps["pyfast"],
-            "pyfast-masked": lambda ps: FusedAdamW(ps, lr=lr, weight_decay=wd,
-                                                   masks=row_masks(ps, 0.1)).step,
-        }  # fmt: skip
+            "pyfast-masked": lambda ps: (
+                FusedAdamW(ps, lr=lr, weight_decay=wd, masks=row_masks(ps, 0.1)).step
+            ),
+        }
         return out, ["pyfast-unmasked"]
     if case == "bf16-state":
         out = {
             "pyfast-fp32-state": steps["pyfast"],
-            "pyfast-bf16-state": lambda ps: FusedAdamW(ps, lr=lr, weight_decay=wd,
-                                                       state_dtype=torch.bfloat16).step,
-        }  # fmt: skip
+            "pyfast-bf16-state": lambda ps: (
+                FusedAdamW(ps, lr=lr, weight_decay=wd, state_dtype=torch.bfloat16).step
+            ),
+        }
         return out, ["pyfast-fp32-state"]
     raise ValueError(f"unknown optimizer benchmark case {case!r}; known: {CASES}")
 
@@ -140,8 +148,13 @@ def bytes_moved(case: str, provider: str, n: int, trainable: float = 0.1) -> int
     return n * per
 
 
-def run(size: str = "smollm2-135m", device: str | torch.device = "cpu", rounds: int = 7,
-        cases=CASES, log=print) -> list[Result]:  # fmt: skip
+def run(
+    size: str = "smollm2-135m",
+    device: str | torch.device = "cpu",
+    rounds: int = 7,
+    cases=CASES,
+    log=print,
+) -> list[Result]:
     """Times every provider of every case on one parameter set; returns the results."""
     device = torch.device(device)
     params = make_params(SIZES[size](), device)
@@ -157,14 +170,24 @@ def run(size: str = "smollm2-135m", device: str | torch.device = "cpu", rounds: 
             with PeakMemory(device) as mem:
                 t = time_fn(fn, device, rounds=rounds, warmup=1)
             moved = bytes_moved(case, name, n)
-            r = Result(f"{case} [{size}]", name, t.median_s * 1e3, t.iqr_s * 1e3, moved,
-                       moved / t.median_s / 1e9, mem.peak_bytes / 2**20)  # fmt: skip
+            r = Result(
+                f"{case} [{size}]",
+                name,
+                t.median_s * 1e3,
+                t.iqr_s * 1e3,
+                moved,
+                moved / t.median_s / 1e9,
+                mem.peak_bytes / 2**20,
+            )
             case_results.append(r)
             log(f"  {r.case:28s} {name:20s} {r.median_ms:9.1f} ms  (IQR {r.iqr_ms:.1f})")
             del fn
             gc.collect()
-        best = min((r for r in case_results if r.provider in baselines),
-                   key=lambda r: r.median_ms, default=None)  # fmt: skip
+        best = min(
+            (r for r in case_results if r.provider in baselines),
+            key=lambda r: r.median_ms,
+            default=None,
+        )
         for r in case_results:
             if best is not None and r.provider not in baselines:
                 r.speedup, r.baseline = best.median_ms / r.median_ms, best.provider

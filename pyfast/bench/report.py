@@ -34,10 +34,14 @@ def run_bench(args, log=print) -> dict:
         raise SystemExit("pyfast bench: --device cuda was asked for but no CUDA device is visible")
     names = list(SUITES) if args.suite == "all" else [args.suite]
     torch.manual_seed(0)
-    ceilings = {"copy_gbps": common.copy_bandwidth(device),
-                "matmul_tflops_fp32": common.matmul_tflops(device)}  # fmt: skip
-    log(f"device ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, "
-        f"fp32 matmul {ceilings['matmul_tflops_fp32']:.2f} TFLOP/s")  # fmt: skip
+    ceilings = {
+        "copy_gbps": common.copy_bandwidth(device),
+        "matmul_tflops_fp32": common.matmul_tflops(device),
+    }
+    log(
+        f"device ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, "
+        f"fp32 matmul {ceilings['matmul_tflops_fp32']:.2f} TFLOP/s"
+    )
     results = []
     for name in names:
         results += SUITES[name](device, args, log)
@@ -45,18 +49,21 @@ def run_bench(args, log=print) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "pyfast": pyfast.__version__,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
         "extension": pyfast.extension_info(),
         "ceilings": ceilings,
-    }  # fmt: skip
+    }
     table = common.markdown_table(results, ceilings["copy_gbps"])
     log("")
     log(table)
     out = Path(args.output)
     write_json(out / "results.json", {"meta": meta, "results": [r.as_dict() for r in results]})
-    header = (f"# pyfast bench ({', '.join(names)}) on {meta['device']}\n\n{meta['date']}, "
-              f"torch {meta['torch']}, copy bandwidth {ceilings['copy_gbps']:.1f} GB/s\n\n")  # fmt: skip
+    header = (
+        f"# pyfast bench ({', '.join(names)}) on {meta['device']}\n\n{meta['date']}, "
+        f"torch {meta['torch']}, copy bandwidth {ceilings['copy_gbps']:.1f} GB/s\n\n"
+    )
     write_text(out / "results.md", header + table + "\n")
     common.plot_speedups(results, out / "speedups.png", f"pyfast bench on {meta['device']}")
     log(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedups.png'}")

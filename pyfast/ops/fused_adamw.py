@@ -44,16 +44,10 @@ def fused_adamw_(
         RuntimeError: mismatched list lengths, shapes, dtypes or devices (the message names the
             argument and index).
     """
-    if params and use_kernel(params[0].device):
-        torch.ops.pyfast.fused_adamw_(
-            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks),
-            lr, beta1, beta2, eps, weight_decay, step, grad_scale,
-        )  # fmt: skip
-    else:
-        reference.fused_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, masks, lr, beta1, beta2, eps, weight_decay,
-            step, grad_scale,
-        )  # fmt: skip
+    use_c = bool(params) and use_kernel(params[0].device)
+    impl = torch.ops.pyfast.fused_adamw_ if use_c else reference.fused_adamw_
+    lists = [list(x) for x in (params, grads, exp_avgs, exp_avg_sqs, masks)]
+    impl(*lists, lr, beta1, beta2, eps, weight_decay, step, grad_scale)
 
 
 def grad_norm(tensors: Sequence[Tensor], masks: Sequence[Tensor | None] = ()) -> Tensor:
@@ -69,9 +63,8 @@ def grad_norm(tensors: Sequence[Tensor], masks: Sequence[Tensor | None] = ()) ->
 if HAS_C:
 
     @torch.library.register_fake("pyfast::fused_adamw_")
-    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, masks, lr, beta1, beta2, eps,
-                          weight_decay, step, grad_scale=None):  # fmt: skip
-        return None
+    def _fused_adamw_fake(*args, **kwargs):
+        return None  # mutates its inputs in place, returns nothing
 
     @torch.library.register_fake("pyfast::grad_norm")
     def _grad_norm_fake(tensors, masks):
