@@ -30,7 +30,14 @@ inline Vec vload(const BFloat16* p) {
 }
 inline void vstore(float* p, const Vec& v) { v.store(p); }
 inline void vstore(BFloat16* p, const Vec& v) {
-  at::vec::convert_float_bfloat16(v, v).store(p, Vec::size());
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 lanes -> 16 bf16 (round to nearest even) in registers, one 256-bit store.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#else
+  float f[Vec::size()];
+  v.store(f);
+  for (int i = 0; i < Vec::size(); ++i) p[i] = BFloat16(f[i]);
+#endif
 }
 
 // Scalar twins (round-to-nearest-even for bfloat16, as c10::BFloat16 does).

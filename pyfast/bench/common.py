@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +28,15 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
+def _release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc), so that RSS baselines are not inflated."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory added while the block runs, in bytes.
 
@@ -44,6 +55,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_freed_memory()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -90,11 +102,16 @@ def time_fn(
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, rounds: int = 5) -> float:
-    """The device's measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    """The device's measured memory bandwidth in GB/s (bytes read + bytes written per second).
+
+    The better of a plain copy (``dst.copy_(src)``) and an in-place update (``x.add_(1)``, which,
+    like an optimizer step, writes back the lines it read and so pays no write-allocate reads).
+    """
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, rounds=rounds)
-    return 2 * nbytes / t.median_s / 1e9
+    copy = time_fn(lambda: dst.copy_(src), device, rounds=rounds)
+    inplace = time_fn(lambda: dst.add_(1.0), device, rounds=rounds)
+    return 2 * nbytes / min(copy.median_s, inplace.median_s) / 1e9
 
 
 def matmul_tflops(device: torch.device, n: int = 2048, dtype=torch.float32) -> float:

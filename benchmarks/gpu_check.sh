@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One-command GPU check, for a CUDA host (e.g. an H200), from the repository root:
+#
+#   bash benchmarks/gpu_check.sh            # OUT=folder for logs and results (default results/gpu_check)
+#   DEVICE=cpu bash benchmarks/gpu_check.sh # the same steps on the CPU path (no GPU needed)
+#
+# 1. builds pyfast._C from source against this host's torch (in place, no install, no network);
+# 2. runs the whole test suite on this host, where every CUDA test must run: a CUDA test that skips
+#    fails the check;
+# 3. runs `pyfast bench all --device cuda` (kernels against stock PyTorch, side by side);
+# 4. prints a short summary table last.
+# Budget: about 10 minutes on an H200, build included (two .cu files compile in parallel).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-results/gpu_check}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX} MAX_JOBS=${MAX_JOBS:-8}
+
+DEVICE=${DEVICE:-cuda}
+t0=$(date +%s)
+if [ "$DEVICE" = cuda ]; then
+  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible (DEVICE=cpu runs the CPU path)'" || exit 2
+fi
+
+echo "== build (log: $OUT/build.log)"
+rm -rf build/temp.* pyfast/_C*.so
+if "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then build=ok; else build=FAILED; fi
+tail -3 "$OUT/build.log"
+t_build=$(($(date +%s) - t0))
+[ "$build" = ok ] || { echo "build failed; see $OUT/build.log"; exit 1; }
+"$PY" -c "import pyfast; i = pyfast.extension_info(); print(i); \
+assert i['compiled'] and (i['cuda_kernels'] or '$DEVICE' == 'cpu'), i" || exit 1
+
+echo "== tests (log: $OUT/tests.log)"
+"$PY" -m pytest -q -rs -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+tests_rc=$?
+tail -15 "$OUT/tests.log"
+cuda_skips=0
+[ "$DEVICE" = cuda ] && cuda_skips=$(grep -E "^SKIPPED" "$OUT/tests.log" | grep -ci "cuda" || true)
+t_tests=$(($(date +%s) - t0 - t_build))
+
+echo "== benchmarks (log: $OUT/bench.log)"
+"$PY" -m pyfast.cli bench all --device "$DEVICE" --output "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+t_total=$(($(date +%s) - t0))
+
+echo
+echo "== summary ($(date -u +%F), $("$PY" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")'), device $DEVICE)"
+printf '| step | result | seconds |\n|---|---|---|\n'
+printf '| build | %s | %s |\n' "$build" "$t_build"
+printf '| tests | %s (%s CUDA tests skipped where CUDA is required) | %s |\n' \
+  "$(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1)" "$cuda_skips" "$t_tests"
+printf '| bench | rc=%s (table: %s/bench/results.md) | %s |\n' "$bench_rc" "$OUT" "$((t_total - t_build - t_tests))"
+[ -f "$OUT/bench/results.md" ] && tail -n +5 "$OUT/bench/results.md"
+[ "$tests_rc" = 0 ] && [ "$cuda_skips" = 0 ] && [ "$bench_rc" = 0 ]
