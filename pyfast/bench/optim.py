@@ -183,13 +183,9 @@ def run(
             log(f"  {r.case:28s} {name:20s} {r.median_ms:9.1f} ms  (IQR {r.iqr_ms:.1f})")
             del fn
             gc.collect()
-        best = min(
-            (r for r in case_results if r.provider in baselines),
-            key=lambda r: r.median_ms,
-            default=None,
-        )
         for r in case_results:
-            if best is not None and r.provider not in baselines:
-                r.speedup, r.baseline = best.median_ms / r.median_ms, best.provider
+            for b in case_results:
+                if b.provider in baselines and r.provider not in baselines:
+                    r.ratios[b.provider] = b.median_ms / r.median_ms
         results.extend(case_results)
     return results

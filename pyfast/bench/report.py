@@ -55,7 +55,7 @@ def run_bench(args, log=print) -> dict:
         "extension": pyfast.extension_info(),
         "ceilings": ceilings,
     }
-    table = common.markdown_table(results, ceilings["copy_gbps"])
+    table = common.markdown_table(results, ceilings)
     log("")
     log(table)
     out = Path(args.output)
