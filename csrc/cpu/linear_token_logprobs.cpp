@@ -1,0 +1,269 @@
+// linear_token_logprobs (CPU): token_logprobs of logits = hidden @ weight.T (+ bias) without ever
+// forming the (N, V) logits, forward and backward.
+//
+//   forward:  for each vocabulary chunk c (kVocabChunk columns) and row block r (kRowBlock rows):
+//               L = hidden[r] @ weight[c].T + bias[c]          (at::mm into one reused buffer)
+//               merge the row statistics (max, sum exp, first argmax) of L into each row's state,
+//               and pick up x_label when the label falls in c;
+//             then lse = max + log(sum), logprob = x_label - lse.
+//   backward: recompute L per chunk, turn it in place into G = a * onehot + (h - a) * exp(L - lse)
+//             (a = grad of logprob, h = grad of lse), then
+//               grad_hidden[r] += G @ weight[c];  grad_weight[c] += G.T @ hidden[r];
+//               grad_bias[c] += sum_rows(G).
+// Ignored rows are dropped before any matmul (prompt tokens cost nothing) and get zero gradient.
+//
+// Memory: one kRowBlock x kVocabChunk buffer (8 MiB in fp32) plus O(N) row state, instead of the
+// (N, V) logits (805 MB for N = 4096, V = 49152) that matmul + cross_entropy writes, rereads, and
+// keeps for backward along with its gradient. Time: the matmuls dominate (one in forward, three in
+// backward: the recomputation is the price of not storing the logits); the row passes read each
+// chunk from cache-warm memory right after the matmul wrote it.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "logprob_row.h"
+
+namespace pyfast {
+
+namespace {
+
+constexpr const char* kFwd = "linear_token_logprobs";
+constexpr const char* kBwd = "linear_token_logprobs_backward";
+constexpr int64_t kVocabChunk = 4096;
+constexpr int64_t kRowBlock = 512;
+
+void check_linear_args(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                       const at::Tensor& labels, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be 2-D (N, D), got shape ", hidden.sizes(),
+              " (pyfast.ops.linear_token_logprobs flattens leading dims)");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (V, D) (the lm_head weight), got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), op, ": weight has shape ", weight.sizes(),
+              " but hidden has ", hidden.size(1), " features; weight must be (V, ",
+              hidden.size(1), ")");
+  TORCH_CHECK(weight.size(0) > 0, op, ": weight must have at least one row (vocabulary entry)");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": hidden must be float32, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": weight must have hidden's dtype ", dt, ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), op, ": weight is on ", weight.device(),
+              " but hidden is on ", hidden.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,
+              ": labels must have shape [", hidden.size(0), "] (one per row of hidden), got ",
+              labels.sizes());
+  TORCH_CHECK(labels.device() == hidden.device(), op, ": labels is on ", labels.device(),
+              " but hidden is on ", hidden.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt, op, ": bias must have hidden's dtype ", dt, ", got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device() == hidden.device(), op, ": bias is on ", bias->device(),
+                " but hidden is on ", hidden.device());
+  }
+}
+
+// Rows whose label is not ignore_index, as an int64 index tensor (undefined when all are valid).
+at::Tensor valid_rows(const at::Tensor& labels, int64_t ignore_index) {
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  std::vector<int64_t> idx;
+  idx.reserve(labels.numel());
+  for (int64_t i = 0; i < labels.numel(); ++i)
+    if (lab[i] != ignore_index) idx.push_back(i);
+  if (static_cast<int64_t>(idx.size()) == labels.numel()) return at::Tensor();
+  return at::tensor(idx, labels.options());
+}
+
+// buf (rb, vc) = h (rb, D) @ w (vc, D).T (+ b (vc,)), in a contiguous prefix of `flat`.
+at::Tensor chunk_logits(const at::Tensor& flat, const at::Tensor& h, const at::Tensor& w,
+                        const at::Tensor& b) {
+  at::Tensor out = flat.narrow(0, 0, h.size(0) * w.size(0)).view({h.size(0), w.size(0)});
+  if (b.defined()) at::addmm_out(out, b, h, w.t());
+  else at::mm_out(out, h, w.t());
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
+    const std::optional<at::Tensor>& bias_in, int64_t ignore_index) {
+  using namespace cpu;
+  check_linear_args(kFwd, hidden, weight, labels_in, bias_in);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const at::Tensor labels_all = labels_in.contiguous();
+  check_label_range(kFwd, labels_all, V, ignore_index);
+  const auto acc_dt = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor logprobs = at::zeros({N}, hidden.options().dtype(acc_dt));
+  at::Tensor is_argmax = at::zeros({N}, hidden.options().dtype(at::kBool));
+  at::Tensor lse = at::zeros({N}, hidden.options().dtype(acc_dt));
+  const at::Tensor rows = valid_rows(labels_all, ignore_index);
+  const at::Tensor h = rows.defined() ? hidden.index_select(0, rows) : hidden;
+  const at::Tensor labels = rows.defined() ? labels_all.index_select(0, rows) : labels_all;
+  const int64_t M = h.size(0);
+  if (M == 0) return {logprobs, is_argmax, lse};
+  const at::Tensor bias = bias_in.has_value() ? *bias_in : at::Tensor();
+  const int64_t VC = std::min(V, kVocabChunk), RB = std::min(M, kRowBlock);
+  const at::Tensor flat = at::empty({RB * VC}, h.options());
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  at::Tensor lp_v = at::empty({M}, logprobs.options()), lse_v = at::empty({M}, lse.options());
+  at::Tensor am_v = at::empty({M}, is_argmax.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_token_logprobs_cpu", [&] {
+    using acc_t = typename StatsOf<scalar_t>::acc;
+    using stats_t = typename StatsOf<scalar_t>::type;
+    std::vector<stats_t> st(M);
+    std::vector<acc_t> x_label(M, 0);
+    for (int64_t c0 = 0; c0 < V; c0 += VC) {
+      const int64_t vc = std::min(VC, V - c0);
+      const at::Tensor w = weight.narrow(0, c0, vc);
+      const at::Tensor b = bias.defined() ? bias.narrow(0, c0, vc) : at::Tensor();
+      for (int64_t r0 = 0; r0 < M; r0 += RB) {
+        const int64_t rb = std::min(RB, M - r0);
+        const at::Tensor L = chunk_logits(flat, h.narrow(0, r0, rb), w, b);
+        const scalar_t* x = L.const_data_ptr<scalar_t>();
+        at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t k = lo; k < hi; ++k) {
+            const int64_t i = r0 + k;
+            const scalar_t* row = x + k * vc;
+            row_stats_update(row, vc, c0, st[i]);
+            const int64_t l = lab[i] - c0;
+            if (l >= 0 && l < vc) x_label[i] = static_cast<acc_t>(row[l]);
+          }
+        });
+      }
+    }
+    acc_t* lp = lp_v.data_ptr<acc_t>();
+    acc_t* ls = lse_v.data_ptr<acc_t>();
+    bool* am = am_v.data_ptr<bool>();
+    for (int64_t i = 0; i < M; ++i) {
+      ls[i] = stats_lse(st[i]);
+      lp[i] = x_label[i] - ls[i];
+      am[i] = st[i].argmax == lab[i];
+    }
+  });
+  if (!rows.defined()) return {lp_v, am_v, lse_v};
+  logprobs.index_copy_(0, rows, lp_v);
+  is_argmax.index_copy_(0, rows, am_v);
+  lse.index_copy_(0, rows, lse_v);
+  return {logprobs, is_argmax, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cpu(
+    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in, int64_t ignore_index) {
+  using namespace cpu;
+  check_linear_args(kBwd, hidden, weight, labels_in, bias_in);
+  const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
+  const at::Tensor labels_all = labels_in.contiguous();
+  check_label_range(kBwd, labels_all, V, ignore_index);
+  const auto dt = hidden.scalar_type();
+  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  auto row_vec = [&](const char* arg, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, kBwd, ": ", arg, " must have shape [", N,
+                "], got ", t.sizes());
+    TORCH_CHECK(t.device() == hidden.device(), kBwd, ": ", arg, " is on ", t.device(),
+                " but hidden is on ", hidden.device());
+    return t.to(acc_dt).contiguous();
+  };
+  at::Tensor g = row_vec("grad_logprobs", grad_logprobs);
+  at::Tensor lse = row_vec("lse", lse_in);
+  const bool has_h = grad_lse.has_value() && grad_lse->defined();
+  at::Tensor hl = has_h ? row_vec("grad_lse", *grad_lse) : at::Tensor();
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
+
+  const at::Tensor rows = valid_rows(labels_all, ignore_index);
+  const at::Tensor h = rows.defined() ? hidden.index_select(0, rows) : hidden;
+  const at::Tensor labels = rows.defined() ? labels_all.index_select(0, rows) : labels_all;
+  if (rows.defined()) {
+    g = g.index_select(0, rows);
+    lse = lse.index_select(0, rows);
+    if (has_h) hl = hl.index_select(0, rows);
+  }
+  const int64_t M = h.size(0);
+  // grad_hidden and grad_bias accumulate over vocabulary chunks: in fp32 for bf16 inputs.
+  at::Tensor gh = at::zeros({M, D}, h.options().dtype(dt == at::kBFloat16 ? acc_dt : dt));
+  at::Tensor grad_weight = at::empty({V, D}, weight.options());
+  at::Tensor gb = has_bias ? at::empty({V}, h.options().dtype(acc_dt)) : at::Tensor();
+  if (M == 0) {
+    grad_weight.zero_();
+    std::optional<at::Tensor> grad_bias;
+    if (has_bias) grad_bias = at::zeros({V}, bias.options());
+    return {at::zeros_like(hidden, at::MemoryFormat::Contiguous), grad_weight, grad_bias};
+  }
+  const int64_t VC = std::min(V, kVocabChunk), RB = std::min(M, kRowBlock);
+  const bool one_block = RB == M;
+  const at::Tensor flat = at::empty({RB * VC}, h.options());
+  // Per-chunk fp32 accumulator of grad_weight when bf16 partial products must be summed.
+  at::Tensor gw_acc = (dt == at::kBFloat16 && !one_block)
+                          ? at::empty({VC, D}, h.options().dtype(acc_dt))
+                          : at::Tensor();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_token_logprobs_bwd_cpu", [&] {
+    using acc_t = typename StatsOf<scalar_t>::acc;
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* hp = has_h ? hl.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* lp = lse.const_data_ptr<acc_t>();
+    for (int64_t c0 = 0; c0 < V; c0 += VC) {
+      const int64_t vc = std::min(VC, V - c0);
+      const at::Tensor w = weight.narrow(0, c0, vc);
+      const at::Tensor b = has_bias ? bias.narrow(0, c0, vc) : at::Tensor();
+      at::Tensor gw = grad_weight.narrow(0, c0, vc);
+      at::Tensor gw_a = gw_acc.defined() ? gw_acc.narrow(0, 0, vc) : gw;
+      for (int64_t r0 = 0; r0 < M; r0 += RB) {
+        const int64_t rb = std::min(RB, M - r0);
+        const at::Tensor hr = h.narrow(0, r0, rb);
+        at::Tensor G = chunk_logits(flat, hr, w, b);
+        scalar_t* x = G.data_ptr<scalar_t>();
+        at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t k = lo; k < hi; ++k) {
+            const int64_t i = r0 + k;
+            const acc_t a = gp[i];
+            const acc_t coef = (hp ? hp[i] : acc_t(0)) - a;
+            row_grad(x + k * vc, x + k * vc, vc, lp[i], coef, lab[i] - c0, a);
+          }
+        });
+        at::Tensor ghr = gh.narrow(0, r0, rb);
+        if (dt == at::kBFloat16) ghr.add_(at::mm(G, w));
+        else ghr.addmm_(G, w);
+        if (r0 == 0) {
+          if (gw_a.scalar_type() == dt) at::mm_out(gw_a, G.t(), hr);
+          else gw_a.copy_(at::mm(G.t(), hr));
+        } else if (gw_a.scalar_type() == dt) {
+          gw_a.addmm_(G.t(), hr);
+        } else {
+          gw_a.add_(at::mm(G.t(), hr));
+        }
+        if (has_bias) {
+          at::Tensor gbc = gb.narrow(0, c0, vc);
+          if (r0 == 0) at::sum_out(gbc, G, 0, false, acc_dt);
+          else gbc.add_(G.sum(0, false, acc_dt));
+        }
+      }
+      if (gw_acc.defined()) gw.copy_(gw_a);
+    }
+  });
+  at::Tensor grad_hidden;
+  if (rows.defined()) {
+    grad_hidden = at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+    grad_hidden.index_copy_(0, rows, gh.to(dt));
+  } else {
+    grad_hidden = gh.to(dt);
+  }
+  std::optional<at::Tensor> grad_bias;
+  if (has_bias) grad_bias = gb.to(dt);
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace pyfast
+
+TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
+  m.impl("linear_token_logprobs", &pyfast::linear_token_logprobs_cpu);
+  m.impl("linear_token_logprobs_backward", &pyfast::linear_token_logprobs_backward_cpu);
+}
