@@ -39,6 +39,10 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
 
 #ifdef PYFAST_WITH_CUDA
 void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -61,6 +65,10 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
 #endif
 
 }  // namespace pyfast

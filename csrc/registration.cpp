@@ -58,4 +58,10 @@ TORCH_LIBRARY(pyfast, m) {
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_lse, Tensor hidden, "
       "Tensor weight, Tensor labels, Tensor? bias, Tensor lse, int ignore_index) -> "
       "(Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
+  // Forward outputs plus the gradient of sum(grad_logprobs * logprobs) in the same pass, for
+  // callers that know the per-row weights up front (a mean loss): no recomputation later.
+  m.def(
+      "linear_token_logprobs_with_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
+      "int ignore_index, Tensor grad_logprobs) -> (Tensor logprobs, Tensor is_argmax, "
+      "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
 }

@@ -33,6 +33,8 @@ constexpr const char* kFwd = "linear_token_logprobs";
 constexpr const char* kBwd = "linear_token_logprobs_backward";
 constexpr int64_t kVocabChunk = 4096;
 constexpr int64_t kRowBlock = 512;
+// Logits per row block of the fused forward+gradient pass (whole rows): 24 MiB in fp32.
+constexpr int64_t kFullRowElems = int64_t(6) << 20;
 
 void check_linear_args(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
                        const at::Tensor& labels, const std::optional<at::Tensor>& bias) {
@@ -261,9 +263,103 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+// Forward outputs and, in the same pass, the gradient of sum(grad_logprobs * logprobs): for
+// callers that know the per-row weights up front (a mean loss), so the backward's recomputation
+// of the logits is saved. Row blocks span the whole vocabulary (lse must be known before the
+// softmax), sized to kFullRowElems logits: 3 matmuls in all, as with materialised logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const at::Tensor& labels_in,
+                                    const std::optional<at::Tensor>& bias_in,
+                                    int64_t ignore_index, const at::Tensor& grad_logprobs) {
+  using namespace cpu;
+  constexpr const char* op = "linear_token_logprobs_with_grad";
+  check_linear_args(op, hidden, weight, labels_in, bias_in);
+  const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
+  const at::Tensor labels_all = labels_in.contiguous();
+  check_label_range(op, labels_all, V, ignore_index);
+  const auto dt = hidden.scalar_type();
+  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_logprobs.dim() == 1 && grad_logprobs.size(0) == N, op,
+              ": grad_logprobs must have shape [", N, "], got ", grad_logprobs.sizes());
+  TORCH_CHECK(grad_logprobs.device() == hidden.device(), op, ": grad_logprobs is on ",
+              grad_logprobs.device(), " but hidden is on ", hidden.device());
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
+
+  at::Tensor logprobs = at::zeros({N}, hidden.options().dtype(acc_dt));
+  at::Tensor is_argmax = at::zeros({N}, hidden.options().dtype(at::kBool));
+  at::Tensor lse = at::zeros({N}, hidden.options().dtype(acc_dt));
+  const at::Tensor rows = valid_rows(labels_all, ignore_index);
+  const at::Tensor h = rows.defined() ? hidden.index_select(0, rows) : hidden;
+  const at::Tensor labels = rows.defined() ? labels_all.index_select(0, rows) : labels_all;
+  at::Tensor g = grad_logprobs.to(acc_dt).contiguous();
+  if (rows.defined()) g = g.index_select(0, rows);
+  const int64_t M = h.size(0);
+  at::Tensor gh = at::empty({M, D}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  // grad_weight / grad_bias accumulate over row blocks: fp32 accumulators for bf16.
+  at::Tensor gw = at::zeros({V, D}, weight.options().dtype(dt == at::kBFloat16 ? acc_dt : dt)
+                                        .memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gb = has_bias ? at::zeros({V}, h.options().dtype(acc_dt)) : at::Tensor();
+  at::Tensor lp_v = at::empty({M}, logprobs.options()), lse_v = at::empty({M}, lse.options());
+  at::Tensor am_v = at::empty({M}, is_argmax.options());
+  if (M > 0) {
+    const int64_t RB = std::max<int64_t>(1, std::min(M, kFullRowElems / V));
+    const at::Tensor flat = at::empty({RB * V}, h.options());
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_token_logprobs_with_grad_cpu", [&] {
+      using acc_t = typename StatsOf<scalar_t>::acc;
+      const acc_t* gp = g.const_data_ptr<acc_t>();
+      acc_t* lp = lp_v.data_ptr<acc_t>();
+      acc_t* ls = lse_v.data_ptr<acc_t>();
+      bool* am = am_v.data_ptr<bool>();
+      for (int64_t r0 = 0; r0 < M; r0 += RB) {
+        const int64_t rb = std::min(RB, M - r0);
+        const at::Tensor hr = h.narrow(0, r0, rb);
+        at::Tensor G = chunk_logits(flat, hr, weight, bias);  // (rb, V)
+        scalar_t* x = G.data_ptr<scalar_t>();
+        at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t k = lo; k < hi; ++k) {
+            const int64_t i = r0 + k;
+            scalar_t* row = x + k * V;
+            typename StatsOf<scalar_t>::type st;
+            row_stats_update(row, V, 0, st);
+            const acc_t l = stats_lse(st);
+            ls[i] = l;
+            lp[i] = static_cast<acc_t>(row[lab[i]]) - l;
+            am[i] = st.argmax == lab[i];
+            row_grad(row, row, V, l, -gp[i], lab[i], gp[i]);
+          }
+        });
+        at::Tensor ghr = gh.narrow(0, r0, rb);
+        at::mm_out(ghr, G, weight);
+        if (gw.scalar_type() == dt) gw.addmm_(G.t(), hr);
+        else gw.add_(at::mm(G.t(), hr));
+        if (has_bias) gb.add_(G.sum(0, false, acc_dt));
+      }
+    });
+  }
+  at::Tensor grad_hidden = gh;
+  if (rows.defined()) {
+    grad_hidden = at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+    grad_hidden.index_copy_(0, rows, gh);
+    logprobs.index_copy_(0, rows, lp_v);
+    is_argmax.index_copy_(0, rows, am_v);
+    lse.index_copy_(0, rows, lse_v);
+  } else {
+    logprobs = lp_v;
+    is_argmax = am_v;
+    lse = lse_v;
+  }
+  std::optional<at::Tensor> grad_bias;
+  if (has_bias) grad_bias = gb.to(dt);
+  return {logprobs, is_argmax, lse, grad_hidden, gw.to(dt), grad_bias};
+}
+
 }  // namespace pyfast
 
 TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
   m.impl("linear_token_logprobs", &pyfast::linear_token_logprobs_cpu);
   m.impl("linear_token_logprobs_backward", &pyfast::linear_token_logprobs_backward_cpu);
+  m.impl("linear_token_logprobs_with_grad", &pyfast::linear_token_logprobs_with_grad_cpu);
 }

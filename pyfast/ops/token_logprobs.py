@@ -147,9 +147,45 @@ def linear_cross_entropy(
     bias: Tensor | None = None,
     ignore_index: int = -100,
 ) -> Tensor:
-    """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits."""
+    """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
+
+    When a gradient is needed and the compiled kernel is available, the gradients are computed
+    in the forward pass (the loss's per-token weights, -1/count, are known up front) and only
+    scaled in backward, so the logits are computed once instead of twice.
+    """
+    _check_leading("linear_cross_entropy", hidden, "hidden", labels)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if wants_grad and use_kernel(hidden.device) and hidden.device.type == "cpu":
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
     logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)
     return _mean_nll(logprobs, labels, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean NLL whose gradients come out of the forward pass (linear_token_logprobs_with_grad)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+        h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        count = valid.sum().clamp(min=1)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        row_weight = -valid.to(acc) / count  # d loss / d logprob_i
+        logprobs, _, _, grad_h, grad_w, grad_b = torch.ops.pyfast.linear_token_logprobs_with_grad(
+            h, weight, flat, bias, ignore_index, row_weight
+        )
+        ctx.save_for_backward(grad_h.view(hidden.shape), grad_w, grad_b)
+        return -logprobs.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype)
+        grad_b = None if grad_b is None else grad_b * scale
+        return grad_h * scale, grad_w * scale, grad_b, None, None
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -251,6 +287,13 @@ if HAS_C:
                                              lse, ignore_index):  # fmt: skip
         grad_bias = None if bias is None else bias.new_empty(bias.shape)
         return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+    @torch.library.register_fake("pyfast::linear_token_logprobs_with_grad")
+    def _linear_token_logprobs_with_grad_fake(hidden, weight, labels, bias, ignore_index,
+                                              grad_logprobs):  # fmt: skip
+        lp, am, lse = _linear_token_logprobs_fake(hidden, weight, labels, bias, ignore_index)
+        grad_bias = None if bias is None else bias.new_empty(bias.shape)
+        return lp, am, lse, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
     def _row_grads(grad_logprobs, grad_lse, lse):
         if grad_logprobs is None:

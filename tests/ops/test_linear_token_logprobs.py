@@ -246,3 +246,26 @@ def test_bad_inputs_name_the_argument(device):
         linear_token_logprobs(hidden, weight, labels, bias[:7])
     with pytest.raises(RuntimeError, match="hidden"):
         linear_token_logprobs(hidden.half(), weight.half(), labels)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_with_grad_matches_forward_and_backward(dtype):
+    """The fused forward+gradient op equals the forward op plus the backward op."""
+    hidden, weight, bias, labels = make(300, 24, 70000, dtype, bias=True)  # two row blocks
+    g = torch.randn(300)
+    op = torch.ops.pyfast
+    lp, am, lse, gh, gw, gb = op.linear_token_logprobs_with_grad(hidden, weight, labels, bias,
+                                                                 -100, g)  # fmt: skip
+    rlp, ram, rlse = op.linear_token_logprobs(hidden, weight, labels, bias, -100)
+    rgh, rgw, rgb = op.linear_token_logprobs_backward(g, None, hidden, weight, labels, bias, rlse,
+                                                      -100)  # fmt: skip
+    torch.testing.assert_close(lp, rlp)
+    torch.testing.assert_close(lse, rlse)
+    assert torch.equal(am, ram)
+    for a, r in ((gh, rgh), (gw, rgw), (gb, rgb)):
+        assert a.dtype == dtype
+        err = (a.double() - r.double()).abs().max() / (r.double().abs().max() + 1e-12)
+        assert err < (1e-5 if dtype != torch.bfloat16 else 3e-2)
+    args = (hidden[:7], weight[:50], labels[:7].clamp(max=49), bias[:50], -100, g[:7])
+    torch.library.opcheck(op.linear_token_logprobs_with_grad.default, args)
