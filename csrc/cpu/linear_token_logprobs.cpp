@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "../logprob_checks.h"
 #include "logprob_row.h"
 
 namespace pyfast {
@@ -36,39 +37,6 @@ constexpr int64_t kRowBlock = 512;
 // Logits per row block of the fused forward+gradient pass (whole rows): 24 MiB in fp32.
 constexpr int64_t kFullRowElems = int64_t(6) << 20;
 
-void check_linear_args(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-                       const at::Tensor& labels, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be 2-D (N, D), got shape ", hidden.sizes(),
-              " (pyfast.ops.linear_token_logprobs flattens leading dims)");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (V, D) (the lm_head weight), got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(1) == hidden.size(1), op, ": weight has shape ", weight.sizes(),
-              " but hidden has ", hidden.size(1), " features; weight must be (V, ",
-              hidden.size(1), ")");
-  TORCH_CHECK(weight.size(0) > 0, op, ": weight must have at least one row (vocabulary entry)");
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, op,
-              ": hidden must be float32, bfloat16 or float64, got ", dt);
-  TORCH_CHECK(weight.scalar_type() == dt, op, ": weight must have hidden's dtype ", dt, ", got ",
-              weight.scalar_type());
-  TORCH_CHECK(weight.device() == hidden.device(), op, ": weight is on ", weight.device(),
-              " but hidden is on ", hidden.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,
-              ": labels must have shape [", hidden.size(0), "] (one per row of hidden), got ",
-              labels.sizes());
-  TORCH_CHECK(labels.device() == hidden.device(), op, ": labels is on ", labels.device(),
-              " but hidden is on ", hidden.device());
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
-                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dt, op, ": bias must have hidden's dtype ", dt, ", got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device() == hidden.device(), op, ": bias is on ", bias->device(),
-                " but hidden is on ", hidden.device());
-  }
-}
 
 // Rows whose label is not ignore_index, as an int64 index tensor (undefined when all are valid).
 at::Tensor valid_rows(const at::Tensor& labels, int64_t ignore_index) {
@@ -167,11 +135,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
   const auto dt = hidden.scalar_type();
   const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
   auto row_vec = [&](const char* arg, const at::Tensor& t) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, kBwd, ": ", arg, " must have shape [", N,
-                "], got ", t.sizes());
-    TORCH_CHECK(t.device() == hidden.device(), kBwd, ": ", arg, " is on ", t.device(),
-                " but hidden is on ", hidden.device());
-    return t.to(acc_dt).contiguous();
+    return check_row_vector(kBwd, arg, t, N, hidden.device(), acc_dt);
   };
   at::Tensor g = row_vec("grad_logprobs", grad_logprobs);
   at::Tensor lse = row_vec("lse", lse_in);
@@ -280,10 +244,8 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
   check_label_range(op, labels_all, V, ignore_index);
   const auto dt = hidden.scalar_type();
   const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_logprobs.dim() == 1 && grad_logprobs.size(0) == N, op,
-              ": grad_logprobs must have shape [", N, "], got ", grad_logprobs.sizes());
-  TORCH_CHECK(grad_logprobs.device() == hidden.device(), op, ": grad_logprobs is on ",
-              grad_logprobs.device(), " but hidden is on ", hidden.device());
+  const at::Tensor g_all = check_row_vector(op, "grad_logprobs", grad_logprobs, N, hidden.device(),
+                                            acc_dt);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
 
@@ -293,7 +255,7 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
   const at::Tensor rows = valid_rows(labels_all, ignore_index);
   const at::Tensor h = rows.defined() ? hidden.index_select(0, rows) : hidden;
   const at::Tensor labels = rows.defined() ? labels_all.index_select(0, rows) : labels_all;
-  at::Tensor g = grad_logprobs.to(acc_dt).contiguous();
+  at::Tensor g = g_all;
   if (rows.defined()) g = g.index_select(0, rows);
   const int64_t M = h.size(0);
   at::Tensor gh = at::empty({M, D}, h.options().memory_format(at::MemoryFormat::Contiguous));

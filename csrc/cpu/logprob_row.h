@@ -20,9 +20,6 @@
 namespace pyfast::cpu {
 
 // Running statistics of one row: max, sum of exp(x - max), index of the first max.
-// Every label is in [0, V) or equals ignore_index; the error names op, index and value.
-void check_label_range(const char* op, const at::Tensor& labels, int64_t V, int64_t ignore_index);
-
 struct RowStats {
   float max = -std::numeric_limits<float>::infinity();
   float sum = 0.0f;

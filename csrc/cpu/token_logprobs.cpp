@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../logprob_checks.h"
 #include "logprob_row.h"
 
 namespace pyfast {
@@ -24,49 +25,13 @@ namespace {
 constexpr const char* kFwd = "token_logprobs";
 constexpr const char* kBwd = "token_logprobs_backward";
 
-// Checks logits (N, V) and labels (N,); returns logits with unit column stride.
-at::Tensor check_logits_labels(const char* op, const at::Tensor& logits, const at::Tensor& labels,
-                               int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, V), got shape ", logits.sizes(),
-              " (pyfast.ops.token_logprobs flattens leading dims)");
-  const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, op,
-              ": logits must be float32, bfloat16 or float64, got ", dt);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op,
-              ": labels must have shape [", logits.size(0), "] (one per row of logits), got ",
-              labels.sizes());
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels is on ", labels.device(),
-              " but logits is on ", logits.device());
-  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, op,
-              ": logits must have a non-empty vocabulary dimension, got shape ", logits.sizes());
-  (void)ignore_index;
-  return logits.stride(1) == 1 ? logits : logits.contiguous();
-}
-
 }  // namespace
-
-namespace cpu {
-
-// Every label is in [0, V) or equals ignore_index (serial: N is small next to N * V).
-void check_label_range(const char* op, const at::Tensor& labels, int64_t V, int64_t ignore_index) {
-  const int64_t* lab = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    const int64_t l = lab[i];
-    TORCH_CHECK(l == ignore_index || (l >= 0 && l < V), op, ": labels[", i, "] = ", l,
-                " is out of range for a vocabulary of ", V, " (must be in [0, ", V,
-                ") or equal ignore_index=", ignore_index, ")");
-  }
-}
-
-}  // namespace cpu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_in,
                                                                   const at::Tensor& labels_in,
                                                                   int64_t ignore_index) {
   using namespace cpu;
-  const at::Tensor logits = check_logits_labels(kFwd, logits_in, labels_in, ignore_index);
+  const at::Tensor logits = check_logits_labels(kFwd, logits_in, labels_in);
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   check_label_range(kFwd, labels, V, ignore_index);
@@ -108,17 +73,13 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
                                        const at::Tensor& logits_in, const at::Tensor& labels_in,
                                        const at::Tensor& lse_in, int64_t ignore_index) {
   using namespace cpu;
-  const at::Tensor logits = check_logits_labels(kBwd, logits_in, labels_in, ignore_index);
+  const at::Tensor logits = check_logits_labels(kBwd, logits_in, labels_in);
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   check_label_range(kBwd, labels, V, ignore_index);
   const auto acc_dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto check_row_vec = [&](const char* arg, const at::Tensor& t) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, kBwd, ": ", arg, " must have shape [", N,
-                "], got ", t.sizes());
-    TORCH_CHECK(t.device() == logits.device(), kBwd, ": ", arg, " is on ", t.device(),
-                " but logits is on ", logits.device());
-    return t.to(acc_dt).contiguous();
+    return check_row_vector(kBwd, arg, t, N, logits.device(), acc_dt);
   };
   const at::Tensor g = check_row_vec("grad_logprobs", grad_logprobs);
   const at::Tensor lse = check_row_vec("lse", lse_in);
