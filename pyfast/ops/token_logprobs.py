@@ -157,7 +157,7 @@ def linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if wants_grad and use_kernel(hidden.device) and hidden.device.type == "cpu":
+    if wants_grad and use_kernel(hidden.device):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
     logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)
     return _mean_nll(logprobs, labels, ignore_index)
