@@ -12,6 +12,8 @@ beyond inputs and outputs ("extra") as a fraction of the (N, V) fp32 logits.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 
 import pytest
@@ -44,6 +46,12 @@ def peak_memory_mb(fn, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 1e6
+    # Give freed heap memory back first, or reused free pages would hide the new allocations.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     start = _rss_kb("VmRSS")
