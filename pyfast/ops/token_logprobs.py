@@ -23,6 +23,9 @@ from pyfast.ops._dispatch import use_kernel
 
 Tensor = torch.Tensor
 
+# Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/).
+_FULL_ROW_ELEMS = 6 << 20
+
 
 def _check_leading(op: str, x: Tensor, xname: str, labels: Tensor) -> None:
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
@@ -149,15 +152,18 @@ def linear_cross_entropy(
 ) -> Tensor:
     """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
 
-    When a gradient is needed and the compiled kernel is available, the gradients are computed
-    in the forward pass (the loss's per-token weights, -1/count, are known up front) and only
-    scaled in backward, so the logits are computed once instead of twice.
+    When a gradient is needed, the compiled kernel is available and the problem is large
+    (N * V >= 20 * the kernel's whole-row block of 6 Mi logits, so that block stays under 5% of
+    the (N, V) logits), the gradients are computed in the forward pass (the loss's per-token
+    weights, -1/count, are known up front) and only scaled in backward: the logits are computed
+    once instead of twice. Otherwise backward recomputes them chunk by chunk.
     """
     _check_leading("linear_cross_entropy", hidden, "hidden", labels)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if wants_grad and use_kernel(hidden.device):
+    large = labels.numel() * weight.shape[0] >= 20 * _FULL_ROW_ELEMS
+    if wants_grad and large and use_kernel(hidden.device):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
     logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)
     return _mean_nll(logprobs, labels, ignore_index)

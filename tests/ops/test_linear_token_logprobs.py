@@ -1,6 +1,8 @@
 """linear_token_logprobs (from hidden states, logits never formed) against matmul + log_softmax,
 its backward, the cross-entropy helper, and the Hugging Face causal-LM head."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -155,8 +157,18 @@ def test_opcheck():
     torch.library.opcheck(bwd, args)
 
 
+@pytest.fixture(params=["recompute", "fused"])
+def ce_path(request, monkeypatch):
+    """linear_cross_entropy's two gradient paths: recompute in backward, or gradients from the
+    forward pass (linear_token_logprobs_with_grad), which small problems do not take by default."""
+    if request.param == "fused":
+        module = importlib.import_module("pyfast.ops.token_logprobs")
+        monkeypatch.setattr(module, "_FULL_ROW_ELEMS", 1)
+    return request.param
+
+
 @needs_c
-def test_torch_compile():
+def test_torch_compile(ce_path):
     hidden, weight, _, labels = make(40, 16, 300)
     compiled = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -168,7 +180,7 @@ def test_torch_compile():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_linear_cross_entropy_matches_torch(device):
+def test_linear_cross_entropy_matches_torch(device, ce_path):
     hidden, weight, bias, labels = make(300, 32, 3000, bias=True, device=device)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     refs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
