@@ -24,7 +24,7 @@ from pyfast.ops._dispatch import use_kernel
 Tensor = torch.Tensor
 
 # Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/).
-_FULL_ROW_ELEMS = 6 << 20
+_FULL_ROW_ELEMS = 9 << 20
 
 
 def _check_leading(op: str, x: Tensor, xname: str, labels: Tensor) -> None:
@@ -154,7 +154,7 @@ def linear_cross_entropy(
     """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
 
     When a gradient is needed, the compiled kernel is available and the problem is large
-    (N * V >= 20 * the kernel's whole-row block of 6 Mi logits, so that block stays under 5% of
+    (N * V >= 20 * the kernel's whole-row block of 9 Mi logits, so that block stays under 5% of
     the (N, V) logits), the gradients are computed in the forward pass (the loss's per-token
     weights, -1/count, are known up front) and only scaled in backward: the logits are computed
     once instead of twice. Otherwise backward recomputes them chunk by chunk.
