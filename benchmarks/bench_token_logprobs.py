@@ -8,6 +8,10 @@ states (N = 4096, D = 576, V = 49152): pyfast.linear_cross_entropy against matmu
 cross_entropy, forward and forward+backward. Peak memory (CPU: VmHWM after resetting it through
 /proc/self/clear_refs; CUDA: max_memory_allocated) goes into benchmark.extra_info, with the part
 beyond inputs and outputs ("extra") as a fraction of the (N, V) fp32 logits.
+
+On a small, shared CPU the timings swing by +-30% from run to run, and the chunked ops (many
+matmul calls with OpenMP row passes in between) are the more sensitive to other processes:
+compare with OMP_WAIT_POLICY=PASSIVE as well, and prefer the min over rounds.
 """
 
 from __future__ import annotations
@@ -59,17 +63,24 @@ def peak_memory_mb(fn, device: str) -> float:
     return (_rss_kb("VmHWM") - start) * 1024 / 1e6
 
 
-def run(benchmark, fn, device, extra: dict):
+def run(benchmark, fn, device, extra: dict, setup=None):
+    """Times fn (setup, e.g. dropping old gradients, runs untimed before each call) and records
+    its peak memory. Old gradients are dropped before the memory is measured, so that freeing
+    them inside fn cannot hide the new allocations."""
+    setup = setup or (lambda: None)
+
     def call():
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
 
+    setup()
     fn()  # warm-up (first-touch of allocator pages, oneDNN/MKL init)
+    setup()
     peak = peak_memory_mb(fn, device)
     benchmark.extra_info.update(extra)
     benchmark.extra_info["peak_mb"] = round(peak, 1)
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(call, setup=setup, rounds=ROUNDS, iterations=1)
     return peak
 
 
@@ -120,6 +131,9 @@ def test_from_hidden(benchmark, provider, mode, dtype, device):
             return linear_cross_entropy(hidden, weight, labels)
         return F.cross_entropy((hidden @ weight.t()).float(), labels)
 
+    def drop_grads():
+        hidden.grad = weight.grad = None
+
     if mode == "forward":
         def fn():
             with torch.no_grad():
@@ -127,10 +141,10 @@ def test_from_hidden(benchmark, provider, mode, dtype, device):
         outputs = 0
     else:
         def fn():
-            hidden.grad = weight.grad = None
             loss().backward()
         outputs = (N * D + V * D) * hidden.element_size()  # the two gradients
-    peak = run(benchmark, fn, device, {"provider": provider, "N": N, "D": D, "V": V})
+    extra = {"provider": provider, "N": N, "D": D, "V": V}
+    peak = run(benchmark, fn, device, extra, setup=drop_grads)
     extra = peak - outputs / 1e6
     benchmark.extra_info["extra_mb"] = round(extra, 1)
     benchmark.extra_info["extra_vs_logits"] = round(extra / (N * V * 4 / 1e6), 4)

@@ -12,7 +12,7 @@
 // Bytes per element: forward reads each logit once (4 B fp32 / 2 B bf16); backward reads it once
 // and writes the gradient once; per row only a few scalars. Fused because log_softmax + gather
 // writes and rereads an (N, V) fp32 intermediate, and the linear version also never stores the
-// logits or their gradient (one reused buffer of at most 36 MiB in fp32).
+// logits or their gradient (one reused buffer of at most 32 MiB in fp32).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -31,7 +31,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int64_t kVocabChunk = 8192;
 constexpr int64_t kChunkElems = int64_t(4) << 20;     // logits per chunk buffer (16 MiB fp32)
-constexpr int64_t kFullRowElems = int64_t(9) << 20;   // whole-row blocks of the fused pass
+constexpr int64_t kFullRowElems = int64_t(8) << 20;   // whole-row blocks of the fused pass
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
 template <typename acc_t>

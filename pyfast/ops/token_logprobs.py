@@ -24,7 +24,7 @@ from pyfast.ops._dispatch import use_kernel
 Tensor = torch.Tensor
 
 # Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/).
-_FULL_ROW_ELEMS = 9 << 20
+_FULL_ROW_ELEMS = 8 << 20
 
 
 def _check_leading(op: str, x: Tensor, xname: str, labels: Tensor) -> None:
@@ -154,7 +154,7 @@ def linear_cross_entropy(
     """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
 
     When a gradient is needed, the compiled kernel is available and the problem is large
-    (N * V >= 20 * the kernel's whole-row block of 9 Mi logits, so that block stays under 5% of
+    (N * V >= 20 * the kernel's whole-row block of 8 Mi logits, so that block stays under 5% of
     the (N, V) logits), the gradients are computed in the forward pass (the loss's per-token
     weights, -1/count, are known up front) and only scaled in backward: the logits are computed
     once instead of twice. Otherwise backward recomputes them chunk by chunk.
@@ -189,10 +189,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled in place: fresh copies would double the gradients' memory at the end of
+        # backward. A second backward through the same graph then fails autograd's
+        # saved-tensor version check instead of returning wrongly scaled gradients.
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_loss.to(grad_h.dtype)
-        grad_b = None if grad_b is None else grad_b * scale
-        return grad_h * scale, grad_w * scale, grad_b, None, None
+        if grad_b is not None:
+            grad_b.mul_(scale)
+        return grad_h.mul_(scale), grad_w.mul_(scale), grad_b, None, None
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:

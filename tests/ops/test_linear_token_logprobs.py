@@ -287,3 +287,18 @@ def test_with_grad_matches_forward_and_backward(dtype):
         assert err < (1e-5 if dtype != torch.bfloat16 else 3e-2)
     args = (hidden[:7], weight[:50], labels[:7].clamp(max=49), bias[:50], -100, g[:7])
     torch.library.opcheck(op.linear_token_logprobs_with_grad.default, args)
+
+
+@needs_c
+def test_fused_cross_entropy_path_refuses_second_backward(ce_path):
+    hidden, weight, _, labels = make(30, 8, 200)
+    h = hidden.requires_grad_()
+    loss = linear_cross_entropy(h, weight, labels)
+    loss.backward(retain_graph=True)
+    if ce_path == "fused":  # gradients were computed in forward and handed over in place
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    else:
+        first = h.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(h.grad, 2 * first)
