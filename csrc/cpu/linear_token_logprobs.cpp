@@ -10,6 +10,9 @@
 //             (a = grad of logprob, h = grad of lse), then
 //               grad_hidden[r] += G @ weight[c];  grad_weight[c] += G.T @ hidden[r];
 //               grad_bias[c] += sum_rows(G).
+//   with_grad: for a mean loss the per-row weights a are known up front, so whole-row blocks get
+//             logits -> stats -> G in place -> grad_hidden, grad_weight in one pass: three
+//             matmuls in all, as with materialised logits, instead of four.
 // Ignored rows are dropped before any matmul (prompt tokens cost nothing) and get zero gradient.
 //
 // Memory: one kRowBlock x kVocabChunk buffer (16 MiB in fp32) plus O(N) row state, instead of the
@@ -38,11 +41,10 @@ constexpr const char* kBwd = "linear_token_logprobs_backward";
 constexpr int64_t kVocabChunk = 2048;
 constexpr int64_t kRowBlock = 2048;
 // Logits per row block of the fused forward+gradient pass (whole rows): 32 MiB in fp32, 170 rows
-// of a 49152 vocabulary (4.2% of the logits of N = 4096 rows). Each block re-packs the weight for two matmuls and rewrites grad_weight
-// once, so fewer, taller blocks move fewer bytes; pyfast.ops.linear_cross_entropy takes this path
-// only when the block is <= 5% of the (N, V) logits.
+// of a 49152 vocabulary (4.2% of the logits of N = 4096 rows). Each block re-packs the weight for
+// two matmuls and rewrites grad_weight once, so fewer, taller blocks move fewer bytes;
+// pyfast.ops.linear_cross_entropy takes this path only when the block is <= 5% of the logits.
 constexpr int64_t kFullRowElems = int64_t(8) << 20;
-
 
 // Rows whose label is not ignore_index, as an int64 index tensor (undefined when all are valid).
 at::Tensor valid_rows(const at::Tensor& labels, int64_t ignore_index) {
