@@ -139,9 +139,9 @@ def test_backward_matches_reference(device, dtype, n, v):
 
 @needs_c
 def test_gradcheck_float64():
-    logits = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 37, (6,))
-    labels[4] = -100
+    logits = torch.randn(4, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (4,))
+    labels[2] = -100
 
     def f(x):
         lp, _, lse = torch.ops.pyfast.token_logprobs(x, labels, -100)
