@@ -26,10 +26,13 @@ CPU_SOURCES = [
     "csrc/cpu/fused_adamw.cpp",
     "csrc/cpu/grad_norm.cpp",
     "csrc/cpu/grad_mask.cpp",
+    "csrc/cpu/token_logprobs.cpp",
+    "csrc/cpu/linear_token_logprobs.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/fused_adamw.cu",
     "csrc/cuda/grad_mask.cu",
+    "csrc/cuda/token_logprobs.cu",
 ]
 
 # -m flags that match each at::vec capability macro.

@@ -5,6 +5,7 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/List.h>
 
@@ -22,6 +23,26 @@ void fused_adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 at::Tensor grad_norm_cpu(TensorList tensors, const OptTensorList& masks);
 // grad_mask_: zero the frozen elements / rows of each tensor in place.
 void grad_mask_cpu(TensorList grads, const OptTensorList& masks);
+// token_logprobs: log p(label), is_argmax, lse per row of logits (see cpu/token_logprobs.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits,
+                                                                  const at::Tensor& labels,
+                                                                  int64_t ignore_index);
+at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
+                                       const std::optional<at::Tensor>& grad_lse,
+                                       const at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse, int64_t ignore_index);
+// linear_token_logprobs: the same from hidden states and the lm_head weight, vocabulary-chunked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cpu(
+    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
 
 #ifdef PYFAST_WITH_CUDA
 void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -30,6 +51,24 @@ void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                       const std::optional<at::Tensor>& grad_scale);
 at::Tensor grad_norm_cuda(TensorList tensors, const OptTensorList& masks);
 void grad_mask_cuda(TensorList grads, const OptTensorList& masks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits,
+                                                                  const at::Tensor& labels,
+                                                                  int64_t ignore_index);
+at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
+                                       const std::optional<at::Tensor>& grad_lse,
+                                       const at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cuda(
+    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
 #endif
 
 }  // namespace pyfast

@@ -36,4 +36,32 @@ TORCH_LIBRARY(pyfast, m) {
   m.def("grad_norm(Tensor[] tensors, Tensor?[] masks) -> Tensor");
   // Zero the gradient of frozen elements / rows in place.
   m.def("grad_mask_(Tensor(a!)[] grads, Tensor?[] masks) -> ()");
+
+  // Target-token log-probs over logits (N, V), float32 / bfloat16 / float64 (fp32 accumulation):
+  // log p(label) and lse in float32 (float64 for float64 logits), is_argmax as bool. Rows whose
+  // label is ignore_index give 0, false, 0. Labels must lie in [0, V) or equal ignore_index.
+  m.def(
+      "token_logprobs(Tensor logits, Tensor labels, int ignore_index=-100) -> "
+      "(Tensor logprobs, Tensor is_argmax, Tensor lse)");
+  // d/dlogits of sum(grad_logprobs * logprobs + grad_lse * lse), from the saved lse; in the
+  // logits' dtype, zero on ignored rows.
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_lse, Tensor logits, "
+      "Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  // The same outputs from hidden states (N, D) and the lm_head weight (V, D) (+ bias (V,)),
+  // logits = hidden @ weight.T + bias, computed in vocabulary x row chunks so that no (N, V)
+  // tensor exists in forward or backward.
+  m.def(
+      "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias=None, "
+      "int ignore_index=-100) -> (Tensor logprobs, Tensor is_argmax, Tensor lse)");
+  m.def(
+      "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_lse, Tensor hidden, "
+      "Tensor weight, Tensor labels, Tensor? bias, Tensor lse, int ignore_index) -> "
+      "(Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
+  // Forward outputs plus the gradient of sum(grad_logprobs * logprobs) in the same pass, for
+  // callers that know the per-row weights up front (a mean loss): no recomputation later.
+  m.def(
+      "linear_token_logprobs_with_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
+      "int ignore_index, Tensor grad_logprobs) -> (Tensor logprobs, Tensor is_argmax, "
+      "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
 }

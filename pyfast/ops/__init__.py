@@ -2,5 +2,25 @@
 
 from pyfast.ops.fused_adamw import fused_adamw_, grad_norm
 from pyfast.ops.grad_mask import grad_mask_
+from pyfast.ops.token_logprobs import (
+    causal_lm_loss,
+    causal_lm_token_logprobs,
+    fused_cross_entropy,
+    linear_cross_entropy,
+    linear_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 
-__all__ = ["fused_adamw_", "grad_norm", "grad_mask_"]
+__all__ = [
+    "fused_adamw_",
+    "grad_norm",
+    "grad_mask_",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "sequence_logprobs",
+    "fused_cross_entropy",
+    "linear_cross_entropy",
+    "causal_lm_token_logprobs",
+    "causal_lm_loss",
+]

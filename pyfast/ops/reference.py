@@ -86,3 +86,41 @@ def grad_mask_(grads: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
         keep = _trainable(mask, g)
         if keep is not None:
             g.masked_fill_(~keep, 0)
+
+
+def _check_labels(op: str, labels: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"{op}: labels contains {value}, out of range for a vocabulary of {vocab} (labels must "
+            f"be in [0, {vocab}) or equal ignore_index={ignore_index})"
+        )
+
+
+def token_logprobs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log_softmax + gather (+ argmax, logsumexp) over logits (..., V), in float32 math
+    (float64 for float64 logits). Ignored positions give 0, False, 0."""
+    _check_labels("token_logprobs", labels, logits.shape[-1], ignore_index)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0).unsqueeze(-1)
+    logprobs = torch.log_softmax(x, dim=-1).gather(-1, safe).squeeze(-1)
+    lse = torch.logsumexp(x, dim=-1)
+    is_argmax = (logits.argmax(dim=-1) == labels) & valid
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    return torch.where(valid, logprobs, zero), is_argmax, torch.where(valid, lse, zero)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """matmul (hidden @ weight.T + bias, in the inputs' dtype) then token_logprobs."""
+    return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, ignore_index)

@@ -1,0 +1,345 @@
+"""Target-token log-probs: from logits, or from hidden states without ever forming the logits.
+
+One op family serves the SFT loss, DPO/ORPO sequence log-probs and multiple-choice scoring:
+
+- :func:`token_logprobs` / :func:`linear_token_logprobs`: per-token ``log p(label)``,
+  ``is_argmax`` and the row logsumexp (differentiable through log-probs and lse).
+- :func:`sequence_logprobs`: sum per sequence over a continuation mask, plus an all-greedy flag.
+- :func:`fused_cross_entropy` / :func:`linear_cross_entropy`: mean NLL over non-ignored tokens.
+- :func:`causal_lm_token_logprobs` / :func:`causal_lm_loss`: a Hugging Face causal LM's
+  log-probs / loss through the fused head: the decoder body runs, then
+  :func:`linear_token_logprobs` with the output-embedding weight (no (B, T, V) logits, no
+  monkey-patching).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pyfast._extension import HAS_C
+from pyfast.ops import reference
+from pyfast.ops._dispatch import use_kernel
+
+Tensor = torch.Tensor
+
+# Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/).
+_FULL_ROW_ELEMS = 8 << 20
+
+
+def _check_leading(op: str, x: Tensor, xname: str, labels: Tensor) -> None:
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"{op}: labels must be an int64 tensor, got {got}")
+    if x.dim() < 1 or tuple(x.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"{op}: labels must have the leading shape of {xname} {tuple(x.shape[:-1])}, got "
+            f"{tuple(labels.shape)}"
+        )
+
+
+def token_logprobs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token log p(label), is-argmax flag and logsumexp, in one pass over each row.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float64 (any strides; rows are read in place when
+            the last dim is contiguous and the leading dims flatten to a view).
+        labels: (...) int64, in [0, V) or equal to ``ignore_index``. Labels are aligned with the
+            logits (shift them yourself for next-token prediction).
+
+    Returns:
+        logprobs (...) float32 (float64 for float64 logits), is_argmax (...) bool (label is the
+        first argmax of its row), lse (...) float32/float64. Ignored positions give 0, False, 0
+        and no gradient. Differentiable w.r.t. logits through logprobs and lse.
+
+    Raises:
+        TypeError / ValueError / RuntimeError naming ``logits`` or ``labels`` for wrong dtypes,
+        shapes or out-of-range labels.
+    """
+    _check_leading("token_logprobs", logits, "logits", labels)
+    lead = labels.shape
+    x = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat = labels.reshape(-1)
+    if use_kernel(logits.device):
+        out = torch.ops.pyfast.token_logprobs(x, flat, ignore_index)
+    else:
+        out = reference.token_logprobs(x, flat, ignore_index)
+    return tuple(o.view(lead) for o in out)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """token_logprobs of ``hidden @ weight.T + bias`` without forming the (N, V) logits.
+
+    Args:
+        hidden: (..., D) float32, bfloat16 or float64.
+        weight: (V, D), hidden's dtype (the lm_head / tied embedding weight).
+        labels: (...) int64 in [0, V) or ``ignore_index``.
+        bias: optional (V,).
+
+    Returns:
+        As :func:`token_logprobs`. Differentiable w.r.t. hidden, weight and bias; the backward
+        recomputes the logits chunk by chunk (peak extra memory: one 2048 x 2048 chunk on CPU,
+        16 MiB in fp32; 4 Mi logits on CUDA).
+    """
+    _check_leading("linear_token_logprobs", hidden, "hidden", labels)
+    lead = labels.shape
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    flat = labels.reshape(-1)
+    if use_kernel(hidden.device):
+        out = torch.ops.pyfast.linear_token_logprobs(h, weight, flat, bias, ignore_index)
+    else:
+        out = reference.linear_token_logprobs(h, weight, flat, bias, ignore_index)
+    return tuple(o.view(lead) for o in out)
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Sum of log p(label) per sequence over the continuation, and whether it is all greedy.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) aligned with logits (logits[:, t] scores labels[:, t]).
+        mask: optional (B, T) bool, true on the continuation tokens to score; positions with
+            labels == ignore_index are never scored.
+
+    Returns:
+        sum_logprob (B,) float32 (differentiable), all_greedy (B,) bool (every scored token is
+        its row's argmax; true for a sequence with nothing scored).
+    """
+    if mask is not None:
+        if mask.shape != labels.shape:
+            raise ValueError(
+                f"sequence_logprobs: mask must have labels' shape {tuple(labels.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        labels = torch.where(mask.to(torch.bool), labels, ignore_index)
+    logprobs, is_argmax, _ = token_logprobs(logits, labels, ignore_index)
+    scored = labels != ignore_index
+    return logprobs.sum(-1), (is_argmax | ~scored).all(-1)
+
+
+def _mean_nll(logprobs: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return -logprobs.sum() / count
+
+
+def fused_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean negative log-likelihood over non-ignored tokens (0 when every token is ignored).
+
+    Equals ``F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())`` when some token
+    is scored. logits (..., V), labels (...) aligned with them.
+    """
+    logprobs, _, _ = token_logprobs(logits, labels, ignore_index)
+    return _mean_nll(logprobs, labels, ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
+
+    When a gradient is needed, the compiled kernel is available and the problem is large
+    (N * V >= 20 * the kernel's whole-row block of 8 Mi logits, so that block stays under 5% of
+    the (N, V) logits), the gradients are computed in the forward pass (the loss's per-token
+    weights, -1/count, are known up front) and only scaled in backward: the logits are computed
+    once instead of twice. Otherwise backward recomputes them chunk by chunk.
+    """
+    _check_leading("linear_cross_entropy", hidden, "hidden", labels)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    large = labels.numel() * weight.shape[0] >= 20 * _FULL_ROW_ELEMS
+    if wants_grad and large and use_kernel(hidden.device):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
+    logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)
+    return _mean_nll(logprobs, labels, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean NLL whose gradients come out of the forward pass (linear_token_logprobs_with_grad)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+        h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        count = valid.sum().clamp(min=1)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        row_weight = -valid.to(acc) / count  # d loss / d logprob_i
+        logprobs, _, _, grad_h, grad_w, grad_b = torch.ops.pyfast.linear_token_logprobs_with_grad(
+            h, weight, flat, bias, ignore_index, row_weight
+        )
+        ctx.save_for_backward(grad_h.view(hidden.shape), grad_w, grad_b)
+        return -logprobs.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Scaled in place: fresh copies would double the gradients' memory at the end of
+        # backward. A second backward through the same graph then fails autograd's
+        # saved-tensor version check instead of returning wrongly scaled gradients.
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype)
+        if grad_b is not None:
+            grad_b.mul_(scale)
+        return grad_h.mul_(scale), grad_w.mul_(scale), grad_b, None, None
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None:
+        dec = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if dec is None or dec is model:
+        raise TypeError(
+            f"causal_lm: cannot find the decoder body of {type(model).__name__} (expected "
+            "get_decoder() or a base_model_prefix attribute, as Hugging Face causal LMs have)"
+        )
+    return dec
+
+
+def _check_plain_head(model: torch.nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(cfg, key, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"causal_lm: {type(model).__name__} transforms its logits ({key}={value}); "
+                "the fused head only supports logits = hidden @ weight.T + bias"
+            )
+
+
+def causal_lm_token_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Next-token log-probs of a Hugging Face causal LM through the fused head.
+
+    Runs the decoder body (``model.get_decoder()``), then :func:`linear_token_logprobs` with
+    ``model.get_output_embeddings()`` (works with tied embeddings). Labels follow Hugging Face's
+    convention: ``labels[:, t]`` is the token at position t, predicted from positions < t (the
+    shift happens here); default ``labels = input_ids``.
+
+    Returns:
+        logprobs (B, T), is_argmax (B, T), lse (B, T), and the shifted labels (B, T): entry t
+        scores token t + 1; the last position (and every ignored label) is ``ignore_index``.
+    """
+    _check_plain_head(model)
+    if labels is None:
+        labels = input_ids
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, D)
+    head = model.get_output_embeddings()
+    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if weight.dtype != hidden.dtype:
+        hidden = hidden.to(weight.dtype)
+    logprobs, is_argmax, lse = linear_token_logprobs(hidden, weight, shifted, bias, ignore_index)
+    return logprobs, is_argmax, lse, shifted
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``model(input_ids, labels=labels).loss`` (mean next-token NLL over non-ignored labels),
+    computed without the (B, T, V) logits."""
+    logprobs, _, _, shifted = causal_lm_token_logprobs(
+        model, input_ids, labels, attention_mask, ignore_index
+    )
+    return _mean_nll(logprobs, shifted, ignore_index)
+
+
+if HAS_C:
+
+    def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("pyfast::token_logprobs")
+    def _token_logprobs_fake(logits, labels, ignore_index=-100):
+        n = logits.shape[0]
+        acc = _acc_dtype(logits.dtype)
+        return (logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=torch.bool),
+                logits.new_empty((n,), dtype=acc))  # fmt: skip
+
+    @torch.library.register_fake("pyfast::token_logprobs_backward")
+    def _token_logprobs_backward_fake(grad_logprobs, grad_lse, logits, labels, lse, ignore_index):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("pyfast::linear_token_logprobs")
+    def _linear_token_logprobs_fake(hidden, weight, labels, bias=None, ignore_index=-100):
+        n = hidden.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=torch.bool),
+                hidden.new_empty((n,), dtype=acc))  # fmt: skip
+
+    @torch.library.register_fake("pyfast::linear_token_logprobs_backward")
+    def _linear_token_logprobs_backward_fake(grad_logprobs, grad_lse, hidden, weight, labels, bias,
+                                             lse, ignore_index):  # fmt: skip
+        grad_bias = None if bias is None else bias.new_empty(bias.shape)
+        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+    @torch.library.register_fake("pyfast::linear_token_logprobs_with_grad")
+    def _linear_token_logprobs_with_grad_fake(hidden, weight, labels, bias, ignore_index,
+                                              grad_logprobs):  # fmt: skip
+        lp, am, lse = _linear_token_logprobs_fake(hidden, weight, labels, bias, ignore_index)
+        grad_bias = None if bias is None else bias.new_empty(bias.shape)
+        return lp, am, lse, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+    def _row_grads(grad_logprobs, grad_lse, lse):
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        return grad_logprobs, grad_lse
+
+    def _token_logprobs_setup(ctx, inputs, output):
+        logits, labels, ignore_index = inputs
+        ctx.save_for_backward(logits, labels, output[2])
+        ctx.ignore_index = ignore_index
+
+    def _token_logprobs_backward(ctx, grad_logprobs, grad_is_argmax, grad_lse):
+        logits, labels, lse = ctx.saved_tensors
+        g, h = _row_grads(grad_logprobs, grad_lse, lse)
+        grad = torch.ops.pyfast.token_logprobs_backward(g, h, logits, labels, lse,
+                                                        ctx.ignore_index)  # fmt: skip
+        return grad, None, None
+
+    torch.library.register_autograd(
+        "pyfast::token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup
+    )
+
+    def _linear_setup(ctx, inputs, output):
+        hidden, weight, labels, bias, ignore_index = inputs
+        ctx.save_for_backward(hidden, weight, labels, bias, output[2])
+        ctx.ignore_index = ignore_index
+
+    def _linear_backward(ctx, grad_logprobs, grad_is_argmax, grad_lse):
+        hidden, weight, labels, bias, lse = ctx.saved_tensors
+        g, h = _row_grads(grad_logprobs, grad_lse, lse)
+        grad_hidden, grad_weight, grad_bias = torch.ops.pyfast.linear_token_logprobs_backward(
+            g, h, hidden, weight, labels, bias, lse, ctx.ignore_index
+        )
+        return grad_hidden, grad_weight, None, grad_bias, None
+
+    torch.library.register_autograd(
+        "pyfast::linear_token_logprobs", _linear_backward, setup_context=_linear_setup
+    )
