@@ -16,8 +16,6 @@ compare with OMP_WAIT_POLICY=PASSIVE as well, and prefer the min over rounds.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 
 import pytest
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfast
+from pyfast.bench.common import PeakMemory
 from pyfast.ops import linear_cross_entropy, token_logprobs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -33,34 +32,11 @@ N, D = 4096, 576
 ROUNDS = int(os.environ.get("PYFAST_BENCH_ROUNDS", "3"))
 
 
-def _rss_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def peak_memory_mb(fn, device: str) -> float:
     """Peak memory above the starting point while fn() runs, in MB."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
+    with PeakMemory(torch.device(device)) as mem:
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - start) / 1e6
-    # Give freed heap memory back first, or reused free pages would hide the new allocations.
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    start = _rss_kb("VmRSS")
-    fn()
-    return (_rss_kb("VmHWM") - start) * 1024 / 1e6
+    return mem.peak_bytes / 1e6
 
 
 def run(benchmark, fn, device, extra: dict, setup=None):
@@ -97,12 +73,15 @@ def test_from_logits(benchmark, provider, baseline, dtype, device):
     labels = torch.randint(0, V, (B, T), device=device)
 
     if provider == "pyfast":
+
         def fn():
             return token_logprobs(logits, labels)
     elif baseline == "cross_entropy":
+
         def fn():
             return -F.cross_entropy(logits.view(-1, V).float(), labels.view(-1), reduction="none")
     else:
+
         def fn():
             lsm = torch.log_softmax(logits.float(), dim=-1)
             return lsm.gather(-1, labels[..., None])[..., 0], lsm.argmax(-1) == labels
@@ -135,13 +114,17 @@ def test_from_hidden(benchmark, provider, mode, dtype, device):
         hidden.grad = weight.grad = None
 
     if mode == "forward":
+
         def fn():
             with torch.no_grad():
                 return loss()
+
         outputs = 0
     else:
+
         def fn():
             loss().backward()
+
         outputs = (N * D + V * D) * hidden.element_size()  # the two gradients
     extra = {"provider": provider, "N": N, "D": D, "V": V}
     peak = run(benchmark, fn, device, extra, setup=drop_grads)

@@ -24,7 +24,14 @@ def _suite_optim(device, args, log):
     return out
 
 
-SUITES = {"optim": _suite_optim}
+def _suite_logprobs(device, args, log):
+    from pyfast.bench import logprobs
+
+    log(f"logprobs: token_logprobs / linear_cross_entropy on {device}")
+    return logprobs.run(device=device, rounds=args.rounds, log=log)
+
+
+SUITES = {"optim": _suite_optim, "logprobs": _suite_logprobs}
 
 
 def run_bench(args, log=print) -> dict:

@@ -304,7 +304,14 @@ if HAS_C:
                                               grad_logprobs):  # fmt: skip
         lp, am, lse = _linear_token_logprobs_fake(hidden, weight, labels, bias, ignore_index)
         grad_bias = None if bias is None else bias.new_empty(bias.shape)
-        return lp, am, lse, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+        return (
+            lp,
+            am,
+            lse,
+            hidden.new_empty(hidden.shape),
+            weight.new_empty(weight.shape),
+            grad_bias,
+        )
 
     def _row_grads(grad_logprobs, grad_lse, lse):
         if grad_logprobs is None:
