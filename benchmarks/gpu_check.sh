@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # OUT=folder for logs and results (default results/gpu_check)
 #   DEVICE=cpu bash benchmarks/gpu_check.sh # the same steps on the CPU path (no GPU needed)
+#   BENCH_ARGS="--size small --rounds 3"     # extra arguments for `pyfast bench all`
 #
 # 1. builds pyfast._C from source against this host's torch (in place, no install, no network);
 # 2. runs the whole test suite on this host, where every CUDA test must run: a CUDA test that skips
@@ -42,7 +43,7 @@ cuda_skips=0
 t_tests=$(($(date +%s) - t0 - t_build))
 
 echo "== benchmarks (log: $OUT/bench.log)"
-"$PY" -m pyfast.cli bench all --device "$DEVICE" --output "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+"$PY" -m pyfast.cli bench all --device "$DEVICE" --output "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 t_total=$(($(date +%s) - t0))
 
