@@ -1,4 +1,4 @@
-"""Benchmark data: local JSONL files (``<dir>/<data-name>/<split>.jsonl``) or the official HF dataset.
+"""Benchmark data: local JSONL (``<dir>/<data-name>/<split>.jsonl``) or the official HF dataset.
 
 Every local file read is hashed (sha256) so results record exactly which bytes were evaluated.
 """
@@ -66,7 +66,9 @@ class DataStore:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             rows.append(row)
         self._cache[key] = rows
         return rows

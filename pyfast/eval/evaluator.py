@@ -11,7 +11,7 @@ import torch
 import pyfast
 from pyfast.eval import metrics, registry
 from pyfast.eval.data import DataStore
-from pyfast.eval.model import LM, HFLM
+from pyfast.eval.model import HFLM, LM
 
 
 def _as_lm(model, tokenizer, batch_size, device, dtype, max_length) -> LM:

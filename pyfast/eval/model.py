@@ -248,9 +248,7 @@ class HFLM(LM):
         total.index_add_(0, owner, lp.double())
         n_miss = torch.zeros(len(rows), dtype=torch.long, device=dev)
         n_miss.index_add_(0, owner, (~greedy).long())
-        return [
-            (rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))
-        ]
+        return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """Scores (context, continuation) pairs; returns [(logprob, is_greedy)] in input order.

@@ -36,7 +36,9 @@ class Task:
         try:
             return template.format(**doc)
         except (KeyError, IndexError) as exc:
-            raise ValueError(f"task {self.name}: prompt needs field {exc} missing in a row") from None
+            raise ValueError(
+                f"task {self.name}: prompt needs field {exc} missing in a row"
+            ) from None
 
     def docs(self, store: DataStore, split: str) -> list[dict]:
         """Processed rows of `split` (only this subject's rows for MMLU subjects)."""

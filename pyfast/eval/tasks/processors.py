@@ -64,6 +64,4 @@ def truthfulqa_mc2(doc: dict) -> dict:
     }
 
 
-PROCESSORS = {
-    f.__name__: f for f in (arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2)
-}
+PROCESSORS = {f.__name__: f for f in (arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2)}
