@@ -68,7 +68,11 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model cannot save_pretrained itself; a fresh model of the same config can.
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The dequantised copy is plain float32: drop the GGUF marker, or loaders look for the file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     fresh.save_pretrained(tmp, safe_serialization=True)
