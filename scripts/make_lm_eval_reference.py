@@ -54,7 +54,9 @@ def _task_yamls(data_dir: Path, tmp: Path, names: list[str]) -> dict[str, str]:
                 for line in (data_dir / "mmlu" / "dev.jsonl").read_text().splitlines()
             ]
             dev_part = tmp / f"{name}_dev.jsonl"
-            dev_part.write_text("".join(json.dumps(r) + "\n" for r in dev if r["subject"] == subject))
+            dev_part.write_text(
+                "".join(json.dumps(r) + "\n" for r in dev if r["subject"] == subject)
+            )
             spec = {
                 "include": str(root / "mmlu/default" / f"mmlu_{subject}.yaml"),
                 "dataset_kwargs": {"data_files": {"test": str(part), "dev": str(dev_part)}},
