@@ -7,9 +7,11 @@ backend (same tokenisation of context/continuation pairs, same truncation) but c
 - requests whose model inputs share the same context tokens form a *group*; the context runs once
   (with ``use_cache=True``) and its KV cache is expanded over the group's continuations;
 - only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`);
-- groups are length-sorted (longest first) and packed into batches of about ``batch_size``
-  requests, so padding stays small; results do not depend on the batch size (up to float
-  rounding of padded matmuls).
+- groups are length-sorted (longest first), ``batch_size`` groups per batch: the context pass
+  has ``batch_size`` rows like lm-eval's batches (which also collapse requests sharing a context
+  and a one-token continuation), and the continuation pass one row per multi-token
+  continuation. Results do not depend on the batch size (up to float rounding of padded
+  matmuls).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class HFLM(LM):
     Args:
         model: a loaded ``PreTrainedModel`` (causal LM) or a spec for :func:`pyfast.models.
             load_model` ('default', folder, file.gguf); tokenizer required with a model object.
-        batch_size: requests per forward pass, or 'auto' (largest that fits, probed on CUDA; 32
+        batch_size: contexts per forward pass, or 'auto' (largest that fits, probed on CUDA; 32
             on CPU).
         max_length: context window; default from the config like lm-eval.
     """
@@ -183,17 +185,9 @@ class HFLM(LM):
         return list(groups.values())
 
     def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
+        """Longest first, `batch_size` groups (rows of the context pass) per batch."""
         groups = sorted(groups, key=lambda g: (-g.cost, g.prefix))
-        batches, cur, n = [], [], 0
-        for g in groups:
-            if cur and n + len(g.conts) > self.batch_size:
-                batches.append(cur)
-                cur, n = [], 0
-            cur.append(g)
-            n += len(g.conts)
-        if cur:
-            batches.append(cur)
-        return batches
+        return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Group]) -> list[tuple[int, float, bool]]:
