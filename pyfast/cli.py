@@ -67,7 +67,12 @@ def _eval(sub):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--data-dir", default=None, help="local <dir>/<data-name>/<split>.jsonl files")
-    p.add_argument("--split", default=None, help="evaluate this split instead of the task's own")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate instead of each task's own: SPLIT and/or TASK=SPLIT, "
+        "comma-separated (e.g. validation,hellaswag=train)",
+    )
     p.add_argument("--output", default=None, help="folder for results.json/.md/.png (+ samples)")
     p.add_argument("--log-samples", action="store_true", help="write samples_<task>.jsonl")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")

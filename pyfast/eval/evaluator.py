@@ -27,6 +27,20 @@ def _as_lm(model, tokenizer, batch_size, device, dtype, max_length) -> LM:
     )
 
 
+def parse_split(split: str | None) -> dict[str, str]:
+    """'validation,hellaswag=train' -> {'*': 'validation', 'hellaswag': 'train'}."""
+    out: dict[str, str] = {}
+    for part in (split or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        task, sep, value = part.rpartition("=")
+        if sep and not (task and value):
+            raise ValueError(f"--split entry {part!r} must be SPLIT or TASK=SPLIT")
+        out[task if sep else "*"] = value
+    return out
+
+
 def _summarise(values: list[float]) -> tuple[float, float | None]:
     return sum(values) / len(values), metrics.mean_stderr(values)
 
@@ -54,7 +68,8 @@ def evaluate(
             file.gguf), or an in-memory ``PreTrainedModel`` together with `tokenizer`.
         num_fewshot: shots per prompt (default 0); limit: first N documents per task.
         data_dir: local ``<dir>/<data-name>/<split>.jsonl`` files instead of the HF datasets;
-        split: evaluate this split instead of the task's default.
+        split: evaluate this split instead of the task's default; per task with
+            "validation,hellaswag=train" (a group name such as mmlu applies to its members).
         seed: few-shot sampling seed (lm-eval's default 1234).
 
     Returns:
@@ -73,6 +88,10 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     leaves, groups = registry.expand(names)
+    splits = parse_split(split)
+    for key in splits:
+        if key != "*":
+            registry.expand([key])  # unknown task names in --split fail here, with suggestions
     shots = num_fewshot or 0
     t0 = time.perf_counter()
     store = DataStore(data_dir)
@@ -81,7 +100,9 @@ def evaluate(
     requests: list[tuple[str, str]] = []
     for name in leaves:
         task = registry.get_task(name)
-        eval_split = split or task.data["split"]
+        owners = [name, *task.groups, *(["mmlu"] if task.subject else [])]
+        eval_split = next((splits[k] for k in owners if k in splits), None)
+        eval_split = eval_split or splits.get("*") or task.data["split"]
         docs = task.docs(store, eval_split)
         if limit is not None:
             docs = docs[:limit]

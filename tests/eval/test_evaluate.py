@@ -87,11 +87,11 @@ def test_cli_eval_writes_outputs(tiny_model_dir, tmp_path, capsys):
             "--model",
             str(tiny_model_dir),
             "--tasks",
-            "arc_easy",
+            "arc_easy,hellaswag",
             "--data-dir",
             str(DATA),
             "--split",
-            "validation",
+            "validation,hellaswag=train",
             "--limit",
             "3",
             "--output",
@@ -107,6 +107,7 @@ def test_cli_eval_writes_outputs(tiny_model_dir, tmp_path, capsys):
     res = json.loads((out_dir / "results.json").read_text())
     assert res["config"]["num_fewshot"] == 1 and res["model"]["kind"] == "folder"
     assert "acc_stderr" in res["results"]["arc_easy"] and res["pyfast_version"]
+    assert res["results"]["hellaswag"]["split"] == "train"
     lines = (out_dir / "samples_arc_easy.jsonl").read_text().splitlines()
     assert len(lines) == 3 and (out_dir / "results.png").stat().st_size > 1000
     assert not list(out_dir.glob(".*.tmp"))

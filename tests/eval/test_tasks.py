@@ -131,3 +131,12 @@ def test_metrics_like_lm_eval():
         (2 * metrics.mean_stderr(a) ** 2 * 3 + 4 * metrics.mean_stderr(b) ** 2 * 5) / 6 / 8
     )
     assert pooled == pytest.approx(want)
+
+
+def test_split_overrides():
+    from pyfast.eval.evaluator import parse_split
+
+    assert parse_split("validation,hellaswag=train") == {"*": "validation", "hellaswag": "train"}
+    assert parse_split(None) == {}
+    with pytest.raises(ValueError, match="TASK=SPLIT"):
+        parse_split("=train")
