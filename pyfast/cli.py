@@ -101,6 +101,11 @@ def _eval(sub):
             seed=args.seed,
             log_samples=args.log_samples,
         )
+        if out["config"]["world_size"] > 1:
+            import torch.distributed as dist
+
+            if dist.get_rank() != 0:
+                return  # rank 0 reports and writes; every rank holds the same results
         print(markdown_table(out))
         if args.output:
             write_run(out, args.output)

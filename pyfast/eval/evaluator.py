@@ -27,6 +27,44 @@ def _as_lm(model, tokenizer, batch_size, device, dtype, max_length) -> LM:
     )
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); joins a torchrun job (gloo) when WORLD_SIZE > 1 and none is set up."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _sharded_loglikelihood(lm: LM, requests, doc_sizes: list[int]) -> list:
+    """Scores documents round-robin across torch.distributed ranks; every rank gets all answers."""
+    rank, world = _world()
+    if world == 1:
+        return lm.loglikelihood(requests)
+    import torch.distributed as dist
+
+    starts = [0]
+    for n in doc_sizes:
+        starts.append(starts[-1] + n)
+    mine = [k for k in range(len(doc_sizes)) if k % world == rank]
+    answers = lm.loglikelihood([r for k in mine for r in requests[starts[k] : starts[k + 1]]])
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, answers)
+    out: list = [None] * len(requests)
+    for r, part in enumerate(gathered):
+        it = iter(part)
+        for k in range(r, len(doc_sizes), world):
+            for i in range(starts[k], starts[k + 1]):
+                out[i] = next(it)
+    return out
+
+
 def parse_split(split: str | None) -> dict[str, str]:
     """'validation,hellaswag=train' -> {'*': 'validation', 'hellaswag': 'train'}."""
     out: dict[str, str] = {}
@@ -72,6 +110,9 @@ def evaluate(
             "validation,hellaswag=train" (a group name such as mmlu applies to its members).
         seed: few-shot sampling seed (lm-eval's default 1234).
 
+    Under torchrun (WORLD_SIZE > 1) documents are scored round-robin across the ranks (gloo) and
+    gathered, so every rank returns the same complete result.
+
     Returns:
         dict with results[task][metric] (+ f"{metric}_stderr", "n"), groups, config, model
         identity, data sha256s, timings; "samples"[task] (list of dicts) when log_samples.
@@ -98,6 +139,7 @@ def evaluate(
 
     prepared = []  # (task, split, docs, contexts, first request index)
     requests: list[tuple[str, str]] = []
+    doc_sizes: list[int] = []
     for name in leaves:
         task = registry.get_task(name)
         owners = [name, *task.groups, *(["mmlu"] if task.subject else [])]
@@ -117,13 +159,14 @@ def evaluate(
         prepared.append((task, eval_split, docs, ctxs, len(requests)))
         for doc, ctx in zip(docs, ctxs, strict=True):
             requests += task.requests(doc, ctx)
+            doc_sizes.append(len(doc["choices"]))
     if not prepared:
         raise ValueError(f"no documents found for {', '.join(names)}")
     t_prep = time.perf_counter() - t0
 
     lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
     t1 = time.perf_counter()
-    answers = lm.loglikelihood(requests)
+    answers = _sharded_loglikelihood(lm, requests, doc_sizes)
     t_score = time.perf_counter() - t1
 
     results, samples = {}, {}
@@ -173,6 +216,7 @@ def evaluate(
             "split": split,
             "seed": seed,
             "max_length": getattr(lm, "max_length", max_length),
+            "world_size": _world()[1],
         },
         "model": getattr(lm, "identity", {"spec": type(lm).__name__}),
         "data": {"sha256": dict(store.hashes)},
