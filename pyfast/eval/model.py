@@ -252,9 +252,14 @@ class HFLM(LM):
         start = time.perf_counter()
         requests = [tuple(r) for r in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for batch in self._batches(self._groups(requests)):
-            for i, lp, greedy in self._score_batch(batch):
-                results[i] = (lp, greedy)
+        was_training = self.model.training  # evaluation during training: no dropout, then back
+        self.model.eval()
+        try:
+            for batch in self._batches(self._groups(requests)):
+                for i, lp, greedy in self._score_batch(batch):
+                    results[i] = (lp, greedy)
+        finally:
+            self.model.train(was_training)
         self.stats["requests"] += len(requests)
         self.stats["seconds"] += time.perf_counter() - start
         return results  # type: ignore[return-value]
