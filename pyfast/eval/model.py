@@ -16,6 +16,7 @@ backend (same tokenisation of context/continuation pairs, same truncation) but c
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Sequence
@@ -211,29 +212,18 @@ class HFLM(LM):
         owner = [torch.arange(len(rows))]
         if C > 0:
             cache = getattr(out, "cache", None) or out.past_key_values
-            cache.reorder_cache(g_idx.to(dev))  # (G, ...) -> (R, ...): expand over the choices
-            inp = torch.zeros((len(rows), C), dtype=torch.long)  # (R, C)
-            mask = torch.zeros((len(rows), P + C), dtype=torch.long)
-            for j, (r, c, _) in enumerate(rows):
-                inp[j, : len(c) - 1] = torch.tensor(c[:-1])
-                mask[j, : plen[r]] = 1
-                mask[j, P : P + len(c) - 1] = 1
-            pos = torch.tensor(plen)[g_idx].unsqueeze(1) + torch.arange(C)  # (R, C)
-            h_cont = self.body(
-                input_ids=inp.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=pos.to(dev),
-                use_cache=False,
-                **{self._cache_arg: cache},
-            ).last_hidden_state  # (R, C, H)
-            self.stats["forward_passes"] += 1
-            sel = [(j, k) for j, (_, c, _) in enumerate(rows) for k in range(len(c) - 1)]
-            if sel:
-                jj = torch.tensor([j for j, _ in sel])
-                kk = torch.tensor([k for _, k in sel])
-                hidden.append(h_cont[jj, kk])
-                targets.append(torch.tensor([rows[j][1][k + 1] for j, k in sel]))
-                owner.append(jj)
+            # Multi-token continuations, longest first, `batch_size` rows per pass: padding of
+            # a pass stays small even when choice lengths vary a lot within a batch.
+            multi = sorted((j for j, (_, c, _) in enumerate(rows) if len(c) > 1),
+                           key=lambda j: -len(rows[j][1]))  # fmt: skip
+            chunks = [multi[i : i + self.batch_size] for i in range(0, len(multi), self.batch_size)]
+            for n, chunk in enumerate(chunks):
+                h, t, o = self._continuation_pass(
+                    rows, chunk, plen, P, cache if n == len(chunks) - 1 else copy.deepcopy(cache)
+                )
+                hidden.append(h)
+                targets.append(t)
+                owner.append(o)
         lp, greedy = target_logprobs(
             torch.cat(hidden), self.head.weight, torch.cat(targets).to(dev), self.head.bias
         )
@@ -243,6 +233,38 @@ class HFLM(LM):
         n_miss = torch.zeros(len(rows), dtype=torch.long, device=dev)
         n_miss.index_add_(0, owner, (~greedy).long())
         return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
+
+    def _continuation_pass(self, rows, chunk, plen, P, cache):
+        """Runs continuation tokens but the last of rows[chunk] on the expanded context cache.
+
+        Returns hidden (N, H) at every position that predicts a continuation token (all but
+        the first, which the context pass predicts), its targets (N,) and owning rows (N,).
+        """
+        dev = self.device
+        C = max(len(rows[j][1]) for j in chunk) - 1
+        g_idx = torch.tensor([rows[j][0] for j in chunk])
+        cache.reorder_cache(g_idx.to(dev))  # (G, ...) -> (R, ...): expand over the choices
+        inp = torch.zeros((len(chunk), C), dtype=torch.long)  # (R, C), right-padded
+        mask = torch.zeros((len(chunk), P + C), dtype=torch.long)  # context pads are masked
+        for i, j in enumerate(chunk):
+            r, c, _ = rows[j]
+            inp[i, : len(c) - 1] = torch.tensor(c[:-1])
+            mask[i, : plen[r]] = 1
+            mask[i, P : P + len(c) - 1] = 1
+        pos = torch.tensor(plen)[g_idx].unsqueeze(1) + torch.arange(C)  # (R, C)
+        h_cont = self.body(
+            input_ids=inp.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=False,
+            **{self._cache_arg: cache},
+        ).last_hidden_state  # (R, C, H)
+        self.stats["forward_passes"] += 1
+        sel = [(i, k) for i, j in enumerate(chunk) for k in range(len(rows[j][1]) - 1)]
+        ii = torch.tensor([i for i, _ in sel])
+        kk = torch.tensor([k for _, k in sel])
+        targets = torch.tensor([rows[chunk[i]][1][k + 1] for i, k in sel])
+        return h_cont[ii, kk], targets, torch.tensor(chunk)[ii]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """Scores (context, continuation) pairs; returns [(logprob, is_greedy)] in input order.
