@@ -212,11 +212,18 @@ class HFLM(LM):
         owner = [torch.arange(len(rows))]
         if C > 0:
             cache = getattr(out, "cache", None) or out.past_key_values
-            # Multi-token continuations, longest first, `batch_size` rows per pass: padding of
-            # a pass stays small even when choice lengths vary a lot within a batch.
+            # Multi-token continuations, longest first, cut into passes of at most the context
+            # pass's token count (G * P): padding stays small when choice lengths vary, and
+            # there are few passes.
             multi = sorted((j for j, (_, c, _) in enumerate(rows) if len(c) > 1),
                            key=lambda j: -len(rows[j][1]))  # fmt: skip
-            chunks = [multi[i : i + self.batch_size] for i in range(0, len(multi), self.batch_size)]
+            budget = max(len(batch) * P, self.batch_size)
+            chunks: list[list[int]] = []
+            for j in multi:
+                if chunks and (len(chunks[-1]) + 1) * (len(rows[chunks[-1][0]][1]) - 1) <= budget:
+                    chunks[-1].append(j)
+                else:
+                    chunks.append([j])
             for n, chunk in enumerate(chunks):
                 h, t, o = self._continuation_pass(
                     rows, chunk, plen, P, cache if n == len(chunks) - 1 else copy.deepcopy(cache)
