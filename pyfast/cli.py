@@ -37,12 +37,109 @@ def _bench(sub):
     p.set_defaults(func=run)
 
 
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'auto', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _eval(sub):
+    p = sub.add_parser(
+        "eval", help="score a model on benchmarks (lm-evaluation-harness compatible)"
+    )
+    p.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M), HF folder or .gguf"
+    )
+    p.add_argument(
+        "--tasks", required=True, help="comma-separated task/group names (pyfast ls tasks)"
+    )
+    p.add_argument("--num-fewshot", type=int, default=None, help="shots per prompt (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents")
+    p.add_argument("--batch-size", type=_batch_size, default=16, help="requests per pass, or auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--data-dir", default=None, help="local <dir>/<data-name>/<split>.jsonl files")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate instead of each task's own: SPLIT and/or TASK=SPLIT, "
+        "comma-separated (e.g. validation,hellaswag=train)",
+    )
+    p.add_argument("--output", default=None, help="folder for results.json/.md/.png (+ samples)")
+    p.add_argument("--log-samples", action="store_true", help="write samples_<task>.jsonl")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+
+    def run(args):
+        from pyfast.eval import evaluate
+        from pyfast.eval.registry import expand
+        from pyfast.eval.report import markdown_table, write_run
+        from pyfast.models import resolve_model
+
+        expand(args.tasks.split(","))  # unknown task names fail before the model loads
+        if args.model != "default":
+            resolve_model(args.model)
+        if args.log_samples and not args.output:
+            raise ValueError("--log-samples needs --output DIR")
+        out = evaluate(
+            args.model,
+            args.tasks,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            data_dir=args.data_dir,
+            split=args.split,
+            seed=args.seed,
+            log_samples=args.log_samples,
+        )
+        if out["config"]["world_size"] > 1:
+            import torch.distributed as dist
+
+            if dist.get_rank() != 0:
+                return  # rank 0 reports and writes; every rank holds the same results
+        print(markdown_table(out))
+        if args.output:
+            write_run(out, args.output)
+            print(f"\nwritten to {args.output}/results.json")
+
+    p.set_defaults(func=run)
+
+
+def _ls(sub):
+    p = sub.add_parser("ls", help="list what pyfast knows: tasks")
+    p.add_argument("what", choices=["tasks"], help="what to list")
+
+    def run(args):
+        from pyfast.eval.registry import _registry
+
+        tasks, groups = _registry()
+        for name in sorted(groups):
+            more = ", ..." if len(groups[name]) > 4 else ""
+            print(f"{name}  (group of {len(groups[name])}: {', '.join(groups[name][:4])}{more})")
+        for name in sorted(tasks):
+            t = tasks[name]
+            print(f"{name}  ({t.data['hf_path']}, {t.data['split']}; {', '.join(t.metrics)})")
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyfast", description="Fine-tune, align and evaluate bespoke LLMs on fused kernels."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _bench(sub)
+    _eval(sub)
+    _ls(sub)
     return parser
 
 

@@ -1,0 +1,294 @@
+"""The LM API of pyfast.eval and its Hugging Face backend.
+
+Two calls, as in lm-evaluation-harness: ``loglikelihood(requests) -> [(logprob, is_greedy)]`` and
+``generate_until(requests) -> [str]``. The HF backend scores exactly like lm-eval 0.4.x's HF
+backend (same tokenisation of context/continuation pairs, same truncation) but computes faster:
+
+- requests whose model inputs share the same context tokens form a *group*; the context runs once
+  (with ``use_cache=True``) and its KV cache is expanded over the group's continuations;
+- only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`);
+- groups are length-sorted (longest first), ``batch_size`` groups per batch: the context pass
+  has ``batch_size`` rows like lm-eval's batches (which also collapse requests sharing a context
+  and a one-token continuation), and the continuation pass one row per multi-token
+  continuation. Results do not depend on the batch size (up to float rounding of padded
+  matmuls).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pyfast.eval.scoring import target_logprobs
+
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+_DEFAULT_MAX_LENGTH = 2048
+
+
+class LM:
+    """Interface every evaluation backend implements."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """For each (context, continuation): (sum of log p(continuation tokens), all greedy)."""
+        raise NotImplementedError
+
+    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
+        """For each (context, {until: [...], max_gen_toks: N, ...}): the generated text."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.generate_until is not implemented yet: generation tasks "
+            "(gsm8k, humaneval, ...) are not available in this version of pyfast eval"
+        )
+
+
+@dataclass
+class _Group:
+    """Requests sharing one context: prefix (P,) token ids, continuations, request indices."""
+
+    prefix: list[int]
+    conts: list[list[int]]
+    index: list[int]
+
+    @property
+    def cost(self) -> int:
+        return len(self.prefix) + max(len(c) for c in self.conts)
+
+
+class HFLM(LM):
+    """Hugging Face causal-LM backend.
+
+    Args:
+        model: a loaded ``PreTrainedModel`` (causal LM) or a spec for :func:`pyfast.models.
+            load_model` ('default', folder, file.gguf); tokenizer required with a model object.
+        batch_size: contexts per forward pass, or 'auto' (largest that fits, probed on CUDA; 32
+            on CPU).
+        max_length: context window; default from the config like lm-eval.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        batch_size: int | str = 16,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+    ):
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from pyfast.models import load_model
+
+            model, tokenizer, self.identity = load_model(
+                model, device=device or "cpu", dtype=dtype or "float32"
+            )
+        else:
+            if tokenizer is None:
+                raise TypeError("HFLM: an in-memory model needs its tokenizer too")
+            self.identity = {
+                "spec": "<in-memory>",
+                "kind": "object",
+                "architecture": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            }
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.body = getattr(model, model.base_model_prefix, None)
+        self.head = model.get_output_embeddings()
+        if self.body is None or self.head is None:
+            raise TypeError(f"HFLM: {type(model).__name__} is not a supported causal LM")
+        cfg = model.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+            raise TypeError(f"HFLM: logit scaling of {cfg.model_type} is not supported yet")
+        # transformers 5 renamed the ``past_key_values`` argument to ``cache``.
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.max_length = max_length or self._default_max_length()
+        if batch_size == "auto":
+            batch_size = self._auto_batch_size()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch size must be >= 1 or 'auto', got {batch_size}")
+        self.batch_size = int(batch_size)
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.prefix_token_id = bos if bos is not None else eos
+        self._prefix_str = tokenizer.decode(self.prefix_token_id)
+        self.stats = {"requests": 0, "forward_passes": 0, "seconds": 0.0}
+
+    def _default_max_length(self) -> int:
+        cfg = getattr(self.model.config, "text_config", None) or self.model.config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if getattr(cfg, attr, None) is not None:
+                return int(getattr(cfg, attr))
+        mml = getattr(self.tokenizer, "model_max_length", None)
+        if mml is not None and mml != _TOKENIZER_INFINITY:
+            return int(mml)
+        return _DEFAULT_MAX_LENGTH
+
+    def _auto_batch_size(self) -> int:
+        if self.device.type != "cuda":
+            return 32
+        for bs in (512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+            try:
+                ids = torch.zeros((bs, min(self.max_length, 512)), dtype=torch.long)
+                with torch.inference_mode():
+                    h = self.body(input_ids=ids.to(self.device)).last_hidden_state
+                    self.head(h[:, -8:])
+                torch.cuda.empty_cache()
+                return bs
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        return 1
+
+    # -- tokenisation, exactly as lm-eval's HFLM.tok_encode / _encode_pair -------------------
+    def _encode(self, text: str) -> list[int]:
+        if text.startswith(self._prefix_str) and self._prefix_str:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens) the way lm-eval 0.4.x's HF backend splits them."""
+        if context == "":
+            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def _groups(self, requests) -> list[_Group]:
+        groups: dict[tuple[int, ...], _Group] = {}
+        for i, (context, continuation) in enumerate(requests):
+            ctx, cont = self.encode_pair(context, continuation)
+            if not cont:
+                raise ValueError(f"request {i}: the continuation {continuation!r} has no tokens")
+            if len(cont) > self.max_length:
+                raise ValueError(
+                    f"request {i}: continuation of {len(cont)} tokens exceeds max_length "
+                    f"{self.max_length}"
+                )
+            # lm-eval's input: (ctx + cont)[-(max_length + 1):][:-1]; the prefix is the part
+            # before the continuation's first predicted position.
+            tokens = (ctx + cont)[-(self.max_length + 1) :]
+            prefix = tokens[: len(tokens) - len(cont)]
+            key = tuple(prefix)
+            if key not in groups:
+                groups[key] = _Group(list(prefix), [], [])
+            groups[key].conts.append(cont)
+            groups[key].index.append(i)
+        return list(groups.values())
+
+    def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
+        """Longest first, `batch_size` groups (rows of the context pass) per batch."""
+        groups = sorted(groups, key=lambda g: (-g.cost, g.prefix))
+        return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[_Group]) -> list[tuple[int, float, bool]]:
+        """Scores one batch; returns (request index, logprob, is_greedy) per request."""
+        dev = self.device
+        plen = [len(g.prefix) for g in batch]
+        P = max(plen)
+        ids = torch.zeros((len(batch), P), dtype=torch.long)  # (G, P), right-padded
+        for r, g in enumerate(batch):
+            ids[r, : len(g.prefix)] = torch.tensor(g.prefix)
+        rows = [(r, c, g.index[k]) for r, g in enumerate(batch) for k, c in enumerate(g.conts)]
+        C = max(len(c) for _, c, _ in rows) - 1  # tokens fed after the prefix
+        out = self.body(input_ids=ids.to(dev), use_cache=C > 0)
+        self.stats["forward_passes"] += 1
+        h_prefix = out.last_hidden_state  # (G, P, H)
+        # First continuation token of every row is predicted at the prefix's last position.
+        g_idx = torch.tensor([r for r, _, _ in rows])
+        last = torch.tensor([plen[r] - 1 for r, _, _ in rows])
+        hidden = [h_prefix[g_idx, last]]  # (R, H)
+        targets = [torch.tensor([c[0] for _, c, _ in rows])]
+        owner = [torch.arange(len(rows))]
+        if C > 0:
+            cache = getattr(out, "cache", None) or out.past_key_values
+            # Multi-token continuations, longest first, cut into passes of at most the context
+            # pass's token count (G * P): padding stays small when choice lengths vary, and
+            # there are few passes.
+            multi = sorted((j for j, (_, c, _) in enumerate(rows) if len(c) > 1),
+                           key=lambda j: -len(rows[j][1]))  # fmt: skip
+            budget = max(len(batch) * P, self.batch_size)
+            chunks: list[list[int]] = []
+            for j in multi:
+                if chunks and (len(chunks[-1]) + 1) * (len(rows[chunks[-1][0]][1]) - 1) <= budget:
+                    chunks[-1].append(j)
+                else:
+                    chunks.append([j])
+            for n, chunk in enumerate(chunks):
+                h, t, o = self._continuation_pass(
+                    rows, chunk, plen, P, cache if n == len(chunks) - 1 else copy.deepcopy(cache)
+                )
+                hidden.append(h)
+                targets.append(t)
+                owner.append(o)
+        lp, greedy = target_logprobs(
+            torch.cat(hidden), self.head.weight, torch.cat(targets).to(dev), self.head.bias
+        )
+        owner = torch.cat(owner).to(dev)
+        total = torch.zeros(len(rows), dtype=torch.float64, device=dev)
+        total.index_add_(0, owner, lp.double())
+        n_miss = torch.zeros(len(rows), dtype=torch.long, device=dev)
+        n_miss.index_add_(0, owner, (~greedy).long())
+        return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
+
+    def _continuation_pass(self, rows, chunk, plen, P, cache):
+        """Runs continuation tokens but the last of rows[chunk] on the expanded context cache.
+
+        Returns hidden (N, H) at every position that predicts a continuation token (all but
+        the first, which the context pass predicts), its targets (N,) and owning rows (N,).
+        """
+        dev = self.device
+        C = max(len(rows[j][1]) for j in chunk) - 1
+        g_idx = torch.tensor([rows[j][0] for j in chunk])
+        cache.reorder_cache(g_idx.to(dev))  # (G, ...) -> (R, ...): expand over the choices
+        inp = torch.zeros((len(chunk), C), dtype=torch.long)  # (R, C), right-padded
+        mask = torch.zeros((len(chunk), P + C), dtype=torch.long)  # context pads are masked
+        for i, j in enumerate(chunk):
+            r, c, _ = rows[j]
+            inp[i, : len(c) - 1] = torch.tensor(c[:-1])
+            mask[i, : plen[r]] = 1
+            mask[i, P : P + len(c) - 1] = 1
+        pos = torch.tensor(plen)[g_idx].unsqueeze(1) + torch.arange(C)  # (R, C)
+        h_cont = self.body(
+            input_ids=inp.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=False,
+            **{self._cache_arg: cache},
+        ).last_hidden_state  # (R, C, H)
+        self.stats["forward_passes"] += 1
+        sel = [(i, k) for i, j in enumerate(chunk) for k in range(len(rows[j][1]) - 1)]
+        ii = torch.tensor([i for i, _ in sel])
+        kk = torch.tensor([k for _, k in sel])
+        targets = torch.tensor([rows[chunk[i]][1][k + 1] for i, k in sel])
+        return h_cont[ii, kk], targets, torch.tensor(chunk)[ii]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """Scores (context, continuation) pairs; returns [(logprob, is_greedy)] in input order.
+
+        Raises ValueError for a continuation with no tokens or longer than max_length.
+        """
+        start = time.perf_counter()
+        requests = [tuple(r) for r in requests]
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        was_training = self.model.training  # evaluation during training: no dropout, then back
+        self.model.eval()
+        try:
+            for batch in self._batches(self._groups(requests)):
+                for i, lp, greedy in self._score_batch(batch):
+                    results[i] = (lp, greedy)
+        finally:
+            self.model.train(was_training)
+        self.stats["requests"] += len(requests)
+        self.stats["seconds"] += time.perf_counter() - start
+        return results  # type: ignore[return-value]

