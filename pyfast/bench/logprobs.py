@@ -40,7 +40,7 @@ def _logits_case(dtype: torch.dtype, device: torch.device):
         "pyfast": lambda: token_logprobs(logits, labels),
     }
     moved = logits.numel() * logits.element_size()  # one read of the logits
-    return providers, ["torch-logsoftmax-gather-argmax", "torch-cross-entropy"], moved, 0, 0
+    return providers, ["torch-logsoftmax-gather-argmax", "torch-cross-entropy"], moved, 0, 0, None
 
 
 def _hidden_case(backward: bool, device: torch.device):
@@ -65,11 +65,15 @@ def _hidden_case(backward: bool, device: torch.device):
     }
     flops = 2 * N * D * V * (3 if backward else 1)  # the matmuls a loss (and its grads) need
     outputs = (N * D + V * D) * 4 if backward else 0  # the two gradients
-    return providers, ["torch-matmul-cross-entropy"], 0, flops, outputs
+
+    def drop_grads():  # so that the memory window starts without the previous round's grads
+        hidden.grad = weight.grad = None
+
+    return providers, ["torch-matmul-cross-entropy"], 0, flops, outputs, drop_grads
 
 
 def case_setup(case: str, device: torch.device):
-    """(providers, baselines, bytes that must move, flops that must run, output bytes)."""
+    """(providers, baselines, bytes that must move, flops that must run, output bytes, reset)."""
     if case == "logits-fp32":
         return _logits_case(torch.float32, device)
     if case == "logits-bf16":
@@ -83,10 +87,12 @@ def run(device: str | torch.device = "cpu", rounds: int = 5, cases=CASES, log=pr
     device = torch.device(device)
     results: list[Result] = []
     for case in cases:
-        providers, baselines, moved, flops, outputs = case_setup(case, device)
+        providers, baselines, moved, flops, outputs, reset = case_setup(case, device)
         case_results = []
         for name, fn in providers.items():
             fn()  # warm-up outside the memory window (allocator, BLAS init)
+            if reset is not None:
+                reset()
             with PeakMemory(device) as mem:
                 fn()
             t = time_fn(fn, device, rounds=rounds if "logits" in case else max(2, rounds // 2))
