@@ -1,15 +1,17 @@
 """Target-token log-probs from hidden states: the one place evaluation touches the vocabulary.
 
 Only the hidden states at the scored positions reach the lm_head, so the (B, T, V) logits of a
-whole batch never exist; at most (chunk, V) do. This function has the signature of
-``pyfast.ops.linear_token_logprobs`` (hidden, weight, labels, bias) so the fused kernel can replace
-the stock-PyTorch body below without touching its callers.
+whole batch never exist. In float32 the fused ``pyfast.ops.linear_token_logprobs`` kernel does the
+work; in reduced precision the stock-PyTorch body below keeps lm-evaluation-harness's numerics
+(log_softmax in the model dtype), at most (chunk, V) logits at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from pyfast.ops import linear_token_logprobs
 
 Tensor = torch.Tensor
 
@@ -26,8 +28,9 @@ def target_logprobs(
         chunk: rows per matmul, bounding the transient logits to (chunk, V).
 
     Returns:
-        logprob: (N,) float32, log_softmax(hidden @ weight.T + bias)[target] (computed in the
-        model dtype like lm-evaluation-harness, then widened);
+        logprob: (N,) float32, log_softmax(hidden @ weight.T + bias)[target] (float32 models:
+        the fused kernel; others: computed in the model dtype like lm-evaluation-harness, then
+        widened);
         is_argmax: (N,) bool, whether the target is the argmax of the logits.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -35,6 +38,11 @@ def target_logprobs(
             f"target_logprobs: hidden must be (N, H) and targets (N,), got "
             f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
+    if hidden.dtype == torch.float32:
+        # The fused kernel: one pass per vocabulary chunk, no (N, V) logits, fp32 accumulation.
+        logprob, is_argmax, _ = linear_token_logprobs(hidden, weight, targets, bias)
+        return logprob, is_argmax
+    # Reduced precision: log_softmax in the model dtype, as lm-evaluation-harness computes it.
     n = hidden.shape[0]
     logprob = torch.empty(n, dtype=torch.float32, device=hidden.device)
     is_argmax = torch.empty(n, dtype=torch.bool, device=hidden.device)
