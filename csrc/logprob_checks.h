@@ -8,6 +8,11 @@
 
 namespace pyfast {
 
+// The accumulation / output dtype of log-probs and logsumexp for inputs of dtype `dt`.
+inline at::ScalarType acc_dtype(at::ScalarType dt) {
+  return dt == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Every label is in [0, V) or equals ignore_index. On CUDA this costs one host synchronisation.
 inline void check_label_range(const char* op, const at::Tensor& labels, int64_t V,
                               int64_t ignore_index) {

@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(kFwd, labels_all, V, ignore_index);
-  const auto acc_dt = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dt = acc_dtype(hidden.scalar_type());
   at::Tensor logprobs = at::zeros({N}, hidden.options().dtype(acc_dt));
   at::Tensor is_argmax = at::zeros({N}, hidden.options().dtype(at::kBool));
   at::Tensor lse = at::zeros({N}, hidden.options().dtype(acc_dt));
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(kBwd, labels_all, V, ignore_index);
   const auto dt = hidden.scalar_type();
-  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dt = acc_dtype(dt);
   auto row_vec = [&](const char* arg, const at::Tensor& t) {
     return check_row_vector(kBwd, arg, t, N, hidden.device(), acc_dt);
   };
@@ -251,7 +251,7 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(op, labels_all, V, ignore_index);
   const auto dt = hidden.scalar_type();
-  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dt = acc_dtype(dt);
   const at::Tensor g_all = check_row_vector(op, "grad_logprobs", grad_logprobs, N, hidden.device(),
                                             acc_dt);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
@@ -292,13 +292,8 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
           for (int64_t k = lo; k < hi; ++k) {
             const int64_t i = r0 + k;
             scalar_t* row = x + k * V;
-            typename StatsOf<scalar_t>::type st;
-            row_stats_update(row, V, 0, st);
-            const acc_t l = stats_lse(st);
-            ls[i] = l;
-            lp[i] = static_cast<acc_t>(row[lab[i]]) - l;
-            am[i] = st.argmax == lab[i];
-            row_grad(row, row, V, l, -gp[i], lab[i], gp[i]);
+            score_row(row, V, lab[i], ls[i], lp[i], am[i]);
+            row_grad(row, row, V, ls[i], -gp[i], lab[i], gp[i]);
           }
         });
         at::Tensor ghr = gh.narrow(0, r0, rb);

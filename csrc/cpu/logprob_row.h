@@ -126,6 +126,17 @@ struct StatsOf<double> {
   using acc = double;
 };
 
+// One whole row: its logsumexp, log p(label) and whether the label is the (first) argmax.
+template <typename T, typename acc_t = typename StatsOf<T>::acc>
+inline void score_row(const T* row, int64_t V, int64_t label, acc_t& lse, acc_t& logprob,
+                      bool& is_argmax) {
+  typename StatsOf<T>::type st;
+  row_stats_update(row, V, 0, st);
+  lse = stats_lse(st);
+  logprob = static_cast<acc_t>(row[label]) - lse;
+  is_argmax = st.argmax == label;
+}
+
 // g[j] = coef * exp(x[j] - lse) for j in [0, n), then g[label] += a when the label lies in the
 // segment (label is relative to the segment; pass -1 or >= n when it does not). g may alias x.
 template <typename T>

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   check_label_range(kFwd, labels, V, ignore_index);
-  const auto acc_dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dt = acc_dtype(logits.scalar_type());
   at::Tensor logprobs = at::empty({N}, logits.options().dtype(acc_dt));
   at::Tensor is_argmax = at::empty({N}, logits.options().dtype(at::kBool));
   at::Tensor lse = at::empty({N}, logits.options().dtype(acc_dt));
@@ -56,12 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
           continue;
         }
         const scalar_t* row = x + i * ld;
-        typename StatsOf<scalar_t>::type st;
-        row_stats_update(row, V, 0, st);
-        const acc_t l = stats_lse(st);
-        ls[i] = l;
-        lp[i] = static_cast<acc_t>(row[lab[i]]) - l;
-        am[i] = st.argmax == lab[i];
+        score_row(row, V, lab[i], ls[i], lp[i], am[i]);
       }
     });
   });
@@ -77,7 +72,7 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   check_label_range(kBwd, labels, V, ignore_index);
-  const auto acc_dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dt = acc_dtype(logits.scalar_type());
   auto check_row_vec = [&](const char* arg, const at::Tensor& t) {
     return check_row_vector(kBwd, arg, t, N, logits.device(), acc_dt);
   };

@@ -209,8 +209,6 @@ void launch_grad(const at::Tensor& x, const at::Tensor& g, int64_t col0, const a
   });
 }
 
-at::ScalarType acc_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
 // (rb, vc) logits chunk = h @ w.T (+ b) into a contiguous prefix of `flat`.
 at::Tensor chunk_logits(const at::Tensor& flat, const at::Tensor& h, const at::Tensor& w,
                         const at::Tensor& b) {
