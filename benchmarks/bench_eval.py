@@ -3,6 +3,7 @@
     pip install lm-eval==0.4.13
     HF_HUB_OFFLINE=1 python benchmarks/bench_eval.py [--data-dir ../shared/benchmarks]
         [--tasks arc_easy,hellaswag,mmlu] [--batch-size 16] [--limit N] [--repeat 2]
+        [--num-fewshot N | arc_easy=25,hellaswag=10,mmlu=5]
         [--output results/bench_eval]
 
 Both sides get the same model (the embedded SmolLM2-135M, float32, from the same safetensors
@@ -28,8 +29,9 @@ SPLITS = {"arc_easy": "validation", "arc_challenge": "validation", "hellaswag": 
           "mmlu": "validation"}  # fmt: skip
 
 
-def _requests(task_name: str, data_dir: str, limit: int | None):
-    """[(task, doc, [(ctx, cont)])] for every leaf task of `task_name`."""
+def _requests(task_name: str, data_dir: str, limit: int | None, shots: int = 0):
+    """[(task, doc, [(ctx, cont)])] for every leaf task of `task_name`, `shots`-shot prompts
+    drawn as `pyfast eval` (and lm-eval) draw them, seed 1234."""
     from pyfast.eval.data import DataStore
     from pyfast.eval.registry import expand, get_task
 
@@ -37,8 +39,12 @@ def _requests(task_name: str, data_dir: str, limit: int | None):
     out = []
     for leaf in expand([task_name])[0]:
         task = get_task(leaf)
-        docs = task.docs(store, SPLITS.get(task_name, "validation"))[:limit]
-        for doc, ctx in zip(docs, task.contexts(docs, [], 0, 1234, False), strict=True):
+        split = SPLITS.get(task_name, "validation")
+        docs = task.docs(store, split)[:limit]
+        fs_split = task.data.get("fewshot_split") or split
+        pool = task.docs(store, fs_split) if shots else []
+        ctxs = task.contexts(docs, pool, shots, 1234, same_split=fs_split == split)
+        for doc, ctx in zip(docs, ctxs, strict=True):
             out.append((task, doc, task.requests(doc, ctx)))
     return out
 
@@ -80,6 +86,11 @@ def main() -> None:
     p.add_argument("--tasks", default="arc_easy,hellaswag,mmlu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument(
+        "--num-fewshot",
+        default="0",
+        help="shots for every task (N) or per task (arc_easy=25,hellaswag=10,mmlu=5)",
+    )
     p.add_argument("--repeat", type=int, default=2, help="alternating timed runs per side")
     p.add_argument("--output", default="results/bench_eval")
     args = p.parse_args()
@@ -97,9 +108,11 @@ def main() -> None:
     ours.loglikelihood(warm)
     _lm_eval_score(theirs, warm)
 
+    per_task = dict(x.split("=") for x in args.num_fewshot.split(",") if "=" in x)
     rows = []
     for name in args.tasks.split(","):
-        items = _requests(name, args.data_dir, args.limit)
+        shots = int(per_task.get(name, 0 if per_task else args.num_fewshot))
+        items = _requests(name, args.data_dir, args.limit, shots)
         reqs = [r for _, _, rs in items for r in rs]
         t_ref = t_got = float("inf")
         for _ in range(args.repeat):
@@ -117,6 +130,7 @@ def main() -> None:
         ) / len(items)
         row = {
             "task": name,
+            "shots": shots,
             "docs": len(items),
             "requests": len(reqs),
             "lm_eval_s": round(t_ref, 2),
@@ -131,11 +145,11 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
 
-    head = "| task | docs | requests | lm-eval req/s | pyfast req/s | speedup | max rel diff "
-    lines = [head + "| same pred | acc |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = "| task | shots | docs | requests | lm-eval req/s | pyfast req/s | speedup "
+    lines = [head + "| max rel diff | same pred | acc |", "|---" + "|---:" * 9 + "|"]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['docs']} | {r['requests']} | {r['lm_eval_rps']} | "
+            f"| {r['task']} | {r['shots']} | {r['docs']} | {r['requests']} | {r['lm_eval_rps']} | "
             f"{r['pyfast_rps']} | {r['speedup']}x | {r['max_rel_diff']:.1e} | "
             f"{r['same_predictions']} | {r['acc']} |"
         )

@@ -4,14 +4,19 @@ Two calls, as in lm-evaluation-harness: ``loglikelihood(requests) -> [(logprob, 
 ``generate_until(requests) -> [str]``. The HF backend scores exactly like lm-eval 0.4.x's HF
 backend (same tokenisation of context/continuation pairs, same truncation) but computes faster:
 
-- requests whose model inputs share the same context tokens form a *group*; the context runs once
-  (with ``use_cache=True``) and its KV cache is expanded over the group's continuations;
-- only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`);
-- groups are length-sorted (longest first), ``batch_size`` groups per batch: the context pass
-  has ``batch_size`` rows like lm-eval's batches (which also collapse requests sharing a context
-  and a one-token continuation), and the continuation pass one row per multi-token
-  continuation. Results do not depend on the batch size (up to float rounding of padded
-  matmuls).
+- requests whose model inputs share the same context tokens form a *group*; its context tokens
+  run once for all its continuations;
+- groups whose contexts start with the same tokens (a common few-shot prefix, e.g. MMLU's
+  description and five examples) form a *prefix tree*: the shared tokens once, then each group's
+  remaining context, then each continuation; trees are packed into rows of about ``row_tokens``
+  tokens, one forward pass per ``batch_size`` rows. A 4-D attention mask lets every token see
+  exactly its ancestors in its own tree, and position ids restart where they would in the
+  unpacked sequence, so each hidden state equals the one of the plain causal pass (tree
+  attention) while padding all but disappears. Models whose attention takes no custom 4-D mask
+  (flash-attention kernels, sliding windows, ALiBi) run each batch of contexts once and expand
+  their KV cache over the continuations instead;
+- only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`).
+  Results do not depend on the batch size (up to float rounding of differently shaped matmuls).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pyfast.eval.scoring import target_logprobs
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _DEFAULT_MAX_LENGTH = 2048
+# Models whose attention bias comes from the mask layout rather than from position ids.
+_ALIBI = {"bloom", "mpt", "falcon", "baichuan", "jais"}
 
 
 class LM:
@@ -58,15 +65,79 @@ class _Group:
         return len(self.prefix) + max(len(c) for c in self.conts)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class _Tree:
+    """Groups sharing their first ``shared`` tokens, laid out as a prefix tree: those tokens
+    once, then per group its remaining context and each continuation but its last token."""
+
+    groups: list[_Group]
+    shared: int
+
+    @property
+    def length(self) -> int:
+        return self.shared + sum(
+            len(g.prefix) - self.shared + sum(len(c) - 1 for c in g.conts) for g in self.groups
+        )
+
+
+def _trees(groups: list[_Group], budget: int, min_shared: int) -> list[_Tree]:
+    """Neighbours in token order join one tree while they share at least `min_shared` leading
+    tokens and the tree stays within `budget` tokens, or twice the shared part when that is
+    longer (a long few-shot prefix is worth a longer row: its tokens run once for the whole
+    tree, while the masked attention costs grow with the square of the row length)."""
+    trees: list[_Tree] = []
+    for g in sorted(groups, key=lambda g: g.prefix):
+        if trees:
+            tree = trees[-1]
+            shared = _common_prefix(tree.groups[0].prefix[: tree.shared], g.prefix)
+            if shared >= min_shared:
+                cand = _Tree([*tree.groups, g], shared)
+                if cand.length <= max(budget, 2 * shared):
+                    trees[-1] = cand
+                    continue
+        trees.append(_Tree([g], len(g.prefix)))
+    return trees
+
+
+def _rows(trees: list[_Tree], budget: int, window: int = 16) -> list[list[_Tree]]:
+    """Packs trees into rows of at most `budget` tokens (a longer tree fills a row alone),
+    first fit decreasing over the last `window` open rows; rows returned longest first."""
+    rows: list[list[_Tree]] = []
+    room: list[int] = []
+    for tree in sorted(trees, key=lambda t: -t.length):
+        n = tree.length
+        for k in range(max(0, len(rows) - window), len(rows)):
+            if room[k] >= n:
+                rows[k].append(tree)
+                room[k] -= n
+                break
+        else:
+            rows.append([tree])
+            room.append(max(budget - n, 0))
+    return sorted(rows, key=lambda r: -sum(t.length for t in r))
+
+
 class HFLM(LM):
     """Hugging Face causal-LM backend.
 
     Args:
         model: a loaded ``PreTrainedModel`` (causal LM) or a spec for :func:`pyfast.models.
             load_model` ('default', folder, file.gguf); tokenizer required with a model object.
-        batch_size: contexts per forward pass, or 'auto' (largest that fits, probed on CUDA; 32
-            on CPU).
+        batch_size: rows per forward pass (packed rows of up to `row_tokens` tokens; contexts
+            without packing), or 'auto' (largest that fits, probed on CUDA; 32 on CPU).
         max_length: context window; default from the config like lm-eval.
+        packing: score packed prefix-tree rows (None: wherever the model's attention takes a
+            custom 4-D mask); False: context pass + KV cache expanded over the continuations.
+        row_tokens: tokens per packed row (a longer group gets a row of its own).
+        min_shared: fewest leading tokens groups must share to be scored as one prefix tree.
     """
 
     def __init__(
@@ -77,6 +148,9 @@ class HFLM(LM):
         device: str | None = None,
         dtype: str | None = None,
         max_length: int | None = None,
+        packing: bool | None = None,
+        row_tokens: int = 512,
+        min_shared: int = 16,
     ):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from pyfast.models import load_model
@@ -107,6 +181,11 @@ class HFLM(LM):
         params = inspect.signature(self.body.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.max_length = max_length or self._default_max_length()
+        supported = self._packing_supported()
+        if packing and not supported:
+            raise ValueError(f"HFLM: packing is not supported for this model: {self._no_packing}")
+        self.packed = supported if packing is None else packing
+        self.row_tokens, self.min_shared = row_tokens, max(1, min_shared)
         if batch_size == "auto":
             batch_size = self._auto_batch_size()
         if int(batch_size) < 1:
@@ -116,6 +195,23 @@ class HFLM(LM):
         self.prefix_token_id = bos if bos is not None else eos
         self._prefix_str = tokenizer.decode(self.prefix_token_id)
         self.stats = {"requests": 0, "forward_passes": 0, "seconds": 0.0}
+
+    def _packing_supported(self) -> bool:
+        """Whether the body takes position ids and a custom additive 4-D attention mask."""
+        cfg = self.model.config
+        impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        window = getattr(cfg, "sliding_window", None)
+        if getattr(cfg, "use_sliding_window", True) is False:
+            window = None
+        self._no_packing = (
+            f"attention implementation {impl!r}" if impl not in ("eager", "sdpa")
+            else f"sliding-window attention ({window})" if window
+            else "ALiBi positions" if getattr(cfg, "alibi", False) or cfg.model_type in _ALIBI
+            else "no position_ids argument"
+            if "position_ids" not in inspect.signature(self.body.forward).parameters
+            else None
+        )  # fmt: skip
+        return self._no_packing is None
 
     def _default_max_length(self) -> int:
         cfg = getattr(self.model.config, "text_config", None) or self.model.config
@@ -241,6 +337,70 @@ class HFLM(LM):
         n_miss.index_add_(0, owner, (~greedy).long())
         return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
 
+    @torch.inference_mode()
+    def _score_packed(self, batch: list[list[_Tree]]) -> list[tuple[int, float, bool]]:
+        """Scores rows of packed trees in one forward pass; (request, logprob, is_greedy)."""
+        dev = self.device
+        L = max(sum(t.length for t in row) for row in batch)
+        ids = torch.zeros((len(batch), L), dtype=torch.long)
+        pos = torch.zeros((len(batch), L), dtype=torch.long)
+        # Coordinates of every token: tree in the row (-1: padding), group in the tree (-1: the
+        # shared part) and continuation in the group (-1: context).
+        tree_of = torch.full((len(batch), L), -1, dtype=torch.long)
+        grp = torch.full((len(batch), L), -1, dtype=torch.long)
+        cont = torch.full((len(batch), L), -1, dtype=torch.long)
+        where_b, where_t, targets, owner, index = [], [], [], [], []
+
+        def put(b, t, tokens, start, tree, group=-1, choice=-1):
+            n = len(tokens)
+            ids[b, t : t + n] = torch.tensor(tokens, dtype=torch.long)
+            pos[b, t : t + n] = torch.arange(start, start + n)
+            tree_of[b, t : t + n], grp[b, t : t + n], cont[b, t : t + n] = tree, group, choice
+            return t + n
+
+        for b, row in enumerate(batch):
+            t = 0
+            for ti, tree in enumerate(row):
+                S = tree.shared
+                t = put(b, t, tree.groups[0].prefix[:S], 0, ti)
+                for gi, g in enumerate(tree.groups):
+                    t = put(b, t, g.prefix[S:], S, ti, gi)
+                    last_ctx = t - 1  # predicts the first token of every continuation
+                    for ci, c in enumerate(g.conts):
+                        where_b += [b] * len(c)
+                        where_t += [last_ctx, *range(t, t + len(c) - 1)]
+                        targets += c
+                        owner += [len(index)] * len(c)
+                        index.append(g.index[ci])
+                        t = put(b, t, c[:-1], len(g.prefix), ti, gi, ci)
+        # Query i sees key j <= i of its own tree that is shared, or of its group and either
+        # context or its own continuation; padding sees only itself (no all-masked rows).
+        tq, tk = tree_of.unsqueeze(2), tree_of.unsqueeze(1)
+        gq, gk = grp.unsqueeze(2), grp.unsqueeze(1)
+        cq, ck = cont.unsqueeze(2), cont.unsqueeze(1)
+        seen = (tq == tk) & (tq >= 0) & ((gk == -1) | ((gk == gq) & ((ck == -1) | (ck == cq))))
+        seen &= torch.ones(L, L, dtype=torch.bool).tril()
+        seen |= torch.eye(L, dtype=torch.bool) & (tq < 0)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+        hidden = self.body(
+            input_ids=ids.to(dev),
+            attention_mask=mask.unsqueeze(1).to(dev),
+            position_ids=pos.to(dev),
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        self.stats["forward_passes"] += 1
+        h = hidden[torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)]
+        lp, greedy = target_logprobs(
+            h, self.head.weight, torch.tensor(targets, device=dev), self.head.bias
+        )
+        owner_t = torch.tensor(owner, device=dev)
+        total = torch.zeros(len(index), dtype=torch.float64, device=dev)
+        total.index_add_(0, owner_t, lp.double())
+        n_miss = torch.zeros(len(index), dtype=torch.long, device=dev)
+        n_miss.index_add_(0, owner_t, (~greedy).long())
+        return [(index[j], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(index))]
+
     def _continuation_pass(self, rows, chunk, plen, P, cache):
         """Runs continuation tokens but the last of rows[chunk] on the expanded context cache.
 
@@ -284,8 +444,17 @@ class HFLM(LM):
         was_training = self.model.training  # evaluation during training: no dropout, then back
         self.model.eval()
         try:
-            for batch in self._batches(self._groups(requests)):
-                for i, lp, greedy in self._score_batch(batch):
+            groups = self._groups(requests)
+            if self.packed:
+                trees = _trees(groups, self.row_tokens, self.min_shared)
+                rows = _rows(trees, self.row_tokens)
+                bs = self.batch_size
+                batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+                scored = map(self._score_packed, batches)
+            else:
+                scored = map(self._score_batch, self._batches(groups))
+            for batch_scores in scored:
+                for i, lp, greedy in batch_scores:
                     results[i] = (lp, greedy)
         finally:
             self.model.train(was_training)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyfast.eval import HFLM
+from pyfast.eval.model import _rows, _trees
 from pyfast.eval.scoring import target_logprobs
 
 from .conftest import naive_loglikelihood
@@ -38,6 +39,13 @@ def test_matches_naive_lm_eval_algorithm(lm, tiny_model, tiny_tokenizer):
         assert greedy == want_greedy
 
 
+def test_unrelated_requests_share_rows_not_attention(lm):
+    """Short unrelated contexts are separate trees packed side by side into one row (their
+    values equal the plain pass: test above)."""
+    rows = _rows(_trees(lm._groups(REQUESTS), lm.row_tokens, lm.min_shared), lm.row_tokens)
+    assert len(rows) == 1 and len(rows[0]) > 3
+
+
 def test_empty_context_uses_prefix_token(lm, tiny_tokenizer, tiny_model):
     ((lp, _),) = lm.loglikelihood([("", " hello")])
     cont = tiny_tokenizer.encode(" hello", add_special_tokens=False)
@@ -53,10 +61,12 @@ def test_shared_context_runs_once(lm):
     assert len(groups) == 1 and len(groups[0].conts) == 3
 
 
+@pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 16, "auto"])
-def test_batch_size_independent(tiny_model, tiny_tokenizer, batch_size):
-    ref = HFLM(tiny_model, tiny_tokenizer, batch_size=2).loglikelihood(REQUESTS)
-    got = HFLM(tiny_model, tiny_tokenizer, batch_size=batch_size).loglikelihood(REQUESTS)
+def test_batch_size_independent(tiny_model, tiny_tokenizer, batch_size, packing):
+    ref = HFLM(tiny_model, tiny_tokenizer, batch_size=2, packing=False).loglikelihood(REQUESTS)
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=batch_size, packing=packing)
+    got = lm.loglikelihood(REQUESTS)
     for (a, ga), (b, gb) in zip(ref, got, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
         assert ga == gb
@@ -92,3 +102,42 @@ def test_target_logprobs_matches_log_softmax():
     assert torch.equal(arg, logits.argmax(-1) == targets) and bool(arg[3])
     with pytest.raises(ValueError, match="hidden must be"):
         target_logprobs(hidden[None], weight, targets)
+
+
+FEWSHOT = "The following are questions about plants.\n\n" + "".join(
+    f"Question: Which part of a plant number {i} grows first?\nAnswer: the root\n\n"
+    for i in range(4)
+)
+
+
+def test_packed_prefix_tree_shares_few_shot_prefix(tiny_model, tiny_tokenizer):
+    """Documents sharing a few-shot prefix are packed into one row as a tree: the prefix once,
+    each question, each choice; every log-likelihood equals the plain causal pass."""
+    reqs = [
+        (FEWSHOT + f"Question: {q}\nAnswer:", choice)
+        for q in ("Which gas do plants absorb?", "What do leaves need?", "Why are roots long?")
+        for choice in (" carbon dioxide", " light and water", " A")
+    ]
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=8)
+    trees = _trees(lm._groups(reqs), lm.row_tokens, lm.min_shared)
+    assert len(trees) == 1 and len(trees[0].groups) == 3
+    assert trees[0].shared >= len(tiny_tokenizer.encode(FEWSHOT)) - 1
+    unpacked = sum(len(lm.encode_pair(c, x)[0]) + len(lm.encode_pair(c, x)[1]) for c, x in reqs)
+    assert trees[0].length < unpacked / 3
+    for (ctx, cont), (lp, greedy) in zip(reqs, lm.loglikelihood(reqs), strict=True):
+        want_lp, want_greedy = naive_loglikelihood(tiny_model, tiny_tokenizer, ctx, cont, 512)
+        assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
+        assert greedy == want_greedy
+    # Rows too small for two documents: a tree per document, the same results.
+    budget = max(len(g.prefix) + sum(len(c) - 1 for c in g.conts) for g in lm._groups(reqs))
+    small = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=8, row_tokens=budget)
+    assert len(_trees(small._groups(reqs), budget, 8)) == 3
+    for (a, _), (b, _) in zip(small.loglikelihood(reqs), lm.loglikelihood(reqs), strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+def test_packing_falls_back_where_masks_are_not_custom(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "sliding_window", 64, raising=False)
+    assert not HFLM(tiny_model, tiny_tokenizer).packed
+    with pytest.raises(ValueError, match="sliding-window"):
+        HFLM(tiny_model, tiny_tokenizer, packing=True)
