@@ -128,10 +128,10 @@ def test_packed_prefix_tree_shares_few_shot_prefix(tiny_model, tiny_tokenizer):
         want_lp, want_greedy = naive_loglikelihood(tiny_model, tiny_tokenizer, ctx, cont, 512)
         assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
         assert greedy == want_greedy
-    # Rows too small for two documents: a tree per document, the same results.
-    budget = max(len(g.prefix) + sum(len(c) - 1 for c in g.conts) for g in lm._groups(reqs))
-    small = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=8, row_tokens=budget)
-    assert len(_trees(small._groups(reqs), budget, 8)) == 3
+    # Without prefix sharing: a tree per document, side by side in one row; the same results.
+    small = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=10_000, row_tokens=2048)
+    trees = _trees(small._groups(reqs), 2048, 10_000)
+    assert len(trees) == 3 and len(_rows(trees, 2048)) == 1
     for (a, _), (b, _) in zip(small.loglikelihood(reqs), lm.loglikelihood(reqs), strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
 
