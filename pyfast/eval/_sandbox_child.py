@@ -250,6 +250,11 @@ def _limits(lim):
     setlim(resource.RLIMIT_NPROC, lim["nproc"])
 
 
+def _fail(fd, message):
+    os.write(fd, (json.dumps({"error": message}) + "\n").encode())
+    os._exit(3)
+
+
 def main():
     cfg = json.loads(sys.stdin.readline())
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -265,8 +270,7 @@ def main():
             namespaces = True
         except OSError as exc:
             if mode == "namespaces":
-                os.write(fd, (json.dumps({"error": f"namespaces unavailable: {exc}"}) + "\n").encode())
-                os._exit(3)
+                _fail(fd, f"namespaces unavailable: {exc}")
             info["namespace_error"] = str(exc)
     if namespaces:
         child = os.fork()
@@ -277,8 +281,7 @@ def main():
             _lock_filesystem(work, cfg["limits"]["pid_max"], info)
             _drop_privileges(info)
         except OSError as exc:
-            os.write(fd, (json.dumps({"error": f"sandbox setup failed: {exc}"}) + "\n").encode())
-            os._exit(3)
+            _fail(fd, f"sandbox setup failed: {exc}")
         info["mode"] = "namespaces"
     _c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     os.chdir(work)
