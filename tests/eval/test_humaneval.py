@@ -39,7 +39,7 @@ def test_program_and_stops_follow_the_references(problems):
     p = problems[1]
     assert p["task_id"] == "HumanEval/24"
     prog = humaneval.build_program(p, "    return 1\n")
-    assert prog == p["prompt"] + "    return 1\n" + "\n" + p["test"] + "\n" + "check(largest_divisor)"
+    assert prog == p["prompt"] + "    return 1\n\n" + p["test"] + "\ncheck(largest_divisor)"
     text = "    return x\n\ndef helper():\n    pass\nif __name__"
     assert humaneval.truncate(text) == "    return x\n"
     assert humaneval.truncate("    return 1\n# done\nprint(2)") == "    return 1"

@@ -276,7 +276,7 @@ def test_local_judge_renders_the_chat_template():
     judge = LocalJudge(lm, "fake", max_tokens=16)
     text = judge.complete("SYS", "USER")
     assert parse_rating(text) == 6.0
-    (ctx, kw), = lm.requests
+    ((ctx, kw),) = lm.requests
     assert ctx == "<system>SYS</system><user>USER</user><assistant>"
     assert kw == {"until": [], "max_gen_toks": 16, "do_sample": False}
     assert judge.identity["kind"] == "hf" and judge.identity["model"] == "fake"
