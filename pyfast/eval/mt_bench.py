@@ -207,33 +207,32 @@ def judge_prompt(
 
 
 def judge_answers(
-    judge, questions: list[dict], answers: dict, prompts: dict, refs: dict, cache: Cache
+    judge, pairs: list[tuple[dict, int]], answers: dict, prompts: dict, refs: dict, cache: Cache
 ) -> dict[tuple[int, int], dict]:
-    """Judgement record per (question id, turn); failures are rated -1 and not cached."""
+    """Judgement record per (question, turn) pair; failures are rated -1 and not cached."""
     out = {}
-    for q in questions:
-        for turn in (1, 2):
-            key = f"{q['question_id']}:{turn}"
-            row = cache.get(key)
-            if row is None:
-                name, system, user = judge_prompt(q, answers[q["question_id"]], turn, prompts, refs)
-                try:
-                    text, error = judge.complete(system, user), None
-                except JudgeError as exc:
-                    text, error = "$ERROR$", str(exc)
-                row = {
-                    "key": key,
-                    "question_id": q["question_id"],
-                    "turn": turn,
-                    "category": q["category"],
-                    "prompt": name,
-                    "judgement": text,
-                    "rating": parse_rating(text) if error is None else -1.0,
-                    "error": error,
-                }
-                if error is None:
-                    cache.put_many([row])
-            out[(q["question_id"], turn)] = row
+    for q, turn in pairs:
+        key = f"{q['question_id']}:{turn}"
+        row = cache.get(key)
+        if row is None:
+            name, system, user = judge_prompt(q, answers[q["question_id"]], turn, prompts, refs)
+            try:
+                text, error = judge.complete(system, user), None
+            except JudgeError as exc:
+                text, error = "$ERROR$", str(exc)
+            row = {
+                "key": key,
+                "question_id": q["question_id"],
+                "turn": turn,
+                "category": q["category"],
+                "prompt": name,
+                "judgement": text,
+                "rating": parse_rating(text) if error is None else -1.0,
+                "error": error,
+            }
+            if error is None:
+                cache.put_many([row])
+        out[(q["question_id"], turn)] = row
     return out
 
 
@@ -276,18 +275,18 @@ def summarise(questions: list[dict], judgements: dict) -> tuple[dict, dict]:
     return results, counts
 
 
-def radar_chart(results: dict, path: Path, title: str) -> Path:
-    """Per-category mean ratings (0-10) on a radar chart, saved as PNG atomically."""
+def radar_chart(scores: dict[str, float], path: Path, title: str) -> Path:
+    """Mean rating (0-10) per category on a radar chart, saved as PNG atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cats = [c for c in CATEGORIES if results.get(f"mt_bench_{c}", {}).get("score") is not None]
+    cats = [c for c in CATEGORIES if scores.get(c) is not None]
     if not cats:
         raise ValueError("mt_bench: no category has a parseable rating to plot")
-    values = [results[f"mt_bench_{c}"]["score"] for c in cats]
+    values = [float(scores[c]) for c in cats]
     angles = np.linspace(0, 2 * np.pi, len(cats), endpoint=False).tolist()
     fig = plt.figure(figsize=(5, 5))
     ax = fig.add_subplot(111, polar=True)
@@ -307,6 +306,28 @@ def radar_chart(results: dict, path: Path, title: str) -> Path:
         plt.close(fig)
 
 
+def answer_and_judge(
+    lm, judge, pairs: list[tuple[dict, int]], prompts, refs, output, *, max_new_tokens, seed
+) -> tuple[dict, dict, dict]:
+    """Answers of the pairs' questions and judgements of the pairs, both cached in `output`.
+
+    Returns (answers by question id, judgement by (question id, turn), timings).
+    """
+    output = Path(output)
+    questions = list({q["question_id"]: q for q, _ in pairs}.values())
+    model_id = getattr(lm, "identity", {}).get("spec")
+    t0 = time.perf_counter()
+    answer_cache = Cache(output / "mt_bench_answers.jsonl", "model", model_id)
+    answers = generate_answers(
+        lm, questions, answer_cache, max_new_tokens=max_new_tokens, seed=seed
+    )
+    t1 = time.perf_counter()
+    judge_cache = Cache(output / "mt_bench_judgements.jsonl", "judge", judge.identity)
+    judgements = judge_answers(judge, pairs, answers, prompts, refs, judge_cache)
+    timings = {"answer_s": round(t1 - t0, 3), "judge_s": round(time.perf_counter() - t1, 3)}
+    return answers, judgements, timings
+
+
 def run(
     lm,
     judge,
@@ -316,7 +337,6 @@ def run(
     limit: int | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 1234,
-    model_id=None,
 ) -> dict:
     """Answers (cached), judgements (cached), summary. Returns results, counts, samples, timings.
 
@@ -334,16 +354,10 @@ def run(
     store = DataStore(data_dir)
     questions, prompts, refs = load(store)
     questions = questions[:limit] if limit else questions
-    model_id = model_id if model_id is not None else getattr(lm, "identity", {}).get("spec")
-    t0 = time.perf_counter()
-    answer_cache = Cache(output / "mt_bench_answers.jsonl", "model", model_id)
-    answers = generate_answers(
-        lm, questions, answer_cache, max_new_tokens=max_new_tokens, seed=seed
+    pairs = [(q, t) for q in questions for t in (1, 2)]
+    answers, judgements, timings = answer_and_judge(
+        lm, judge, pairs, prompts, refs, output, max_new_tokens=max_new_tokens, seed=seed
     )
-    t1 = time.perf_counter()
-    judge_cache = Cache(output / "mt_bench_judgements.jsonl", "judge", judge.identity)
-    judgements = judge_answers(judge, questions, answers, prompts, refs, judge_cache)
-    t2 = time.perf_counter()
     results, counts = summarise(questions, judgements)
     samples = []
     for doc_id, q in enumerate(questions):
@@ -366,5 +380,5 @@ def run(
         "judge": judge.identity,
         "samples": samples,
         "data": dict(store.hashes),
-        "timings": {"answer_s": round(t1 - t0, 3), "judge_s": round(t2 - t1, 3)},
+        "timings": timings,
     }

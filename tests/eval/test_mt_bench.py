@@ -249,7 +249,8 @@ def test_full_run_with_http_judge_resumes_and_reports(tmp_path):
     assert r["mt_bench_writing"]["score"] == 4.0 and r["mt_bench_writing"]["n"] == 1
     assert r["mt_bench_roleplay"]["score"] == pytest.approx((2 + 3) / 2)
     assert res["judge"]["model"] == "judge-model"
-    png = mt_bench.radar_chart(r, tmp_path / "radar.png", "test")
+    cats = {c: r[f"mt_bench_{c}"]["score"] for c in mt_bench.CATEGORIES}
+    png = mt_bench.radar_chart(cats, tmp_path / "radar.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a different judge must not reuse these judgements
     with ScriptedJudgeServer() as srv2:
