@@ -264,6 +264,7 @@ def main():
     fd, work, mode = cfg["result_fd"], cfg["workdir"], cfg["isolation"]
     info = {"mode": "basic"}
     namespaces = False
+    guard = mode == "basic"
     if mode in ("auto", "namespaces"):
         try:
             _enter_namespaces(info)
@@ -272,6 +273,7 @@ def main():
             if mode == "namespaces":
                 _fail(fd, f"namespaces unavailable: {exc}")
             info["namespace_error"] = str(exc)
+            guard = True
     if namespaces:
         child = os.fork()
         if child:
@@ -279,23 +281,29 @@ def main():
             _supervise(child)
         try:
             _lock_filesystem(work, cfg["limits"]["pid_max"], info)
+        except OSError as exc:  # e.g. no mount_setattr: keep the namespaces, add the guard
+            if mode == "namespaces":
+                _fail(fd, f"sandbox setup failed: {exc}")
+            info["filesystem"] = f"writable: {exc}; audit-hook guard added"
+            guard = True
+        try:
             _drop_privileges(info)
         except OSError as exc:
             _fail(fd, f"sandbox setup failed: {exc}")
-        info["mode"] = "namespaces"
+        info["mode"] = "namespaces" if not guard else "namespaces+guard"
     _c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     os.chdir(work)
     _limits(cfg["limits"])
     info["rlimits"] = cfg["limits"]
     os.write(fd, (json.dumps(info) + "\n").encode())
-    _run(cfg.pop("program"), cfg.pop("nonce").encode() + b"\n", fd, work, namespaces)
+    _run(cfg.pop("program"), cfg.pop("nonce").encode() + b"\n", fd, work, guard)
 
 
-def _run(path, token, fd, work, namespaces):
+def _run(path, token, fd, work, guard):
     with open(path, encoding="utf-8") as f:
         source = f.read()
     code = compile(source, path, "exec")
-    if not namespaces:
+    if guard:
         _audit_guard(work)
     sys.argv = [path]
     sys.path[:0] = [work]
