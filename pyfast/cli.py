@@ -76,9 +76,13 @@ def _eval(sub):
     p.add_argument("--output", default=None, help="folder for results.json/.md/.png (+ samples)")
     p.add_argument("--log-samples", action="store_true", help="write samples_<task>.jsonl")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+    from pyfast.eval.bench_tasks import add_arguments
+
+    add_arguments(p)  # humaneval / mt_bench options
 
     def run(args):
         from pyfast.eval import evaluate
+        from pyfast.eval.bench_tasks import options_from_args
         from pyfast.eval.registry import expand
         from pyfast.eval.report import markdown_table, write_run
         from pyfast.models import resolve_model
@@ -100,6 +104,8 @@ def _eval(sub):
             split=args.split,
             seed=args.seed,
             log_samples=args.log_samples,
+            output=args.output,
+            task_options=options_from_args(args),
         )
         if out["config"]["world_size"] > 1:
             import torch.distributed as dist

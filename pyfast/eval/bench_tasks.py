@@ -36,6 +36,7 @@ class HumanEvalTask:
 
     name: str
     data: dict
+    metrics: list[str] = field(default_factory=lambda: ["pass@1", "pass@10", "pass@100"])
     num_fewshot: int = 0
     subject: str | None = None
     groups: list[str] = field(default_factory=list)
@@ -148,6 +149,9 @@ class MTBenchTask:
 
     name: str
     data: dict
+    metrics: list[str] = field(
+        default_factory=lambda: ["score", "turn1", "turn2", *mt_bench.CATEGORIES, "unparseable"]
+    )
     num_fewshot: int = 0
     subject: str | None = None
     groups: list[str] = field(default_factory=list)
@@ -216,6 +220,7 @@ class MTBenchTask:
             self.output,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
+            overrides=overrides,
         )
         records = [
             [{**js[(q["question_id"], t)], "answers": answers[q["question_id"]]}] for q, t in pairs
@@ -261,3 +266,59 @@ class MTBenchTask:
 
     def run_info(self) -> dict:
         return self.info
+
+
+def add_arguments(p) -> None:
+    """The `pyfast eval` options of these kinds."""
+    p.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="humaneval: run model-written programs (in pyfast's sandbox)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="humaneval: samples per problem (1 = greedy pass@1; N > 1 sampled, pass@k, k <= N)",
+    )
+    p.add_argument(
+        "--completions",
+        default=None,
+        help="humaneval: score this JSONL of task_id/completion rows; no model is loaded",
+    )
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="mt_bench: openai:MODEL@BASE_URL or hf:MODEL (e.g. hf:default)",
+    )
+    p.add_argument(
+        "--judge-key-env",
+        default=None,
+        help="mt_bench: environment variable holding the judge API key (default OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--judge-max-tokens", type=int, default=2048, help="mt_bench: judge reply length (2048)"
+    )
+
+
+def options_from_args(args) -> dict:
+    """task_options for :func:`pyfast.eval.evaluate` from the parsed `pyfast eval` arguments."""
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.judge_max_tokens < 1:
+        raise ValueError(f"--judge-max-tokens must be >= 1, got {args.judge_max_tokens}")
+
+    def judge_loader(spec: str):
+        from pyfast.eval.model import HFLM
+
+        return HFLM(spec, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+
+    return {
+        "allow_code_execution": args.allow_code_execution,
+        "num_samples": args.num_samples,
+        "completions": args.completions,
+        "judge": args.judge,
+        "judge_key_env": args.judge_key_env,
+        "judge_max_tokens": args.judge_max_tokens,
+        "judge_loader": judge_loader,
+    }

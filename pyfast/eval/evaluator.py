@@ -105,6 +105,7 @@ def evaluate(
     gen_kwargs: dict | str | None = None,
     output: str | None = None,
     resume: bool = False,
+    task_options: dict | None = None,
 ) -> dict:
     """Evaluates `model` on `tasks` (names or groups, e.g. "arc_easy,mmlu,gsm8k").
 
@@ -124,6 +125,9 @@ def evaluate(
             or a dict: temperature, top_p, top_k, max_gen_toks, do_sample).
         output: run folder; generations are cached there per document
             (``generations_<task>.jsonl``, one line appended per finished document);
+        task_options: run options of the task kinds that take them (``configure``): humaneval's
+            allow_code_execution, num_samples, completions, sandbox_limits; mt_bench's judge,
+            judge_key_env, judge_max_tokens, judge_loader (see pyfast/eval/bench_tasks.py).
         resume: reuse the cached generations of `output` whose prompt and kwargs are unchanged
             (an interrupted run continues where it stopped); without it the cache restarts.
 
@@ -166,6 +170,8 @@ def evaluate(
     prepared = []  # (task, split, docs, contexts, per-doc requests, shots)
     for name in leaves:
         task = registry.get_task(name)
+        if hasattr(task, "configure"):  # kinds with run options (humaneval, mt_bench)
+            task = task.configure({"seed": seed, "output": output, **(task_options or {})})
         owners = [name, *task.groups, *(["mmlu"] if task.subject else [])]
         eval_split = next((splits[k] for k in owners if k in splits), None)
         eval_split = eval_split or splits.get("*") or task.data["split"]
@@ -190,7 +196,7 @@ def evaluate(
         raise ValueError(f"no documents found for {', '.join(names)}")
     t_prep = time.perf_counter() - t0
 
-    if lm is None:
+    if lm is None and any(getattr(p[0], "needs_lm", True) for p in prepared):
         lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
     t1 = time.perf_counter()
     ll_reqs = [r for p in prepared if p[0].request_type == "loglikelihood" for d in p[4] for r in d]
@@ -211,7 +217,7 @@ def evaluate(
             raise ValueError(f"task {task.name}: unknown request type {task.request_type!r}")
     t_score = time.perf_counter() - t1
 
-    results, samples = {}, {}
+    results, samples, task_info = {}, {}, {}
     for task, eval_split, docs, ctxs, _reqs, _shots in prepared:
         per_metric: dict[str, list[float]] = {m: [] for m in task.metric_names()}
         logs = []
@@ -225,6 +231,8 @@ def evaluate(
         for m, vals in per_metric.items():
             res[m], res[f"{m}_stderr"] = _summarise(vals)
         results[task.name] = res
+        if hasattr(task, "run_info"):  # e.g. the sandbox of humaneval, the judge of mt_bench
+            task_info[task.name] = task.run_info()
         if log_samples:
             samples[task.name] = logs
 
@@ -248,7 +256,9 @@ def evaluate(
             "apply_chat_template": apply_chat_template,
             "gen_kwargs": overrides,
         },
-        "model": getattr(lm, "identity", {"spec": type(lm).__name__}),
+        "model": getattr(lm, "identity", {"spec": type(lm).__name__})
+        if lm is not None
+        else {"spec": None, "note": "no model loaded: scored completions given as files"},
         "data": {"sha256": dict(store.hashes)},
         "pyfast_version": pyfast.__version__,
         "environment": {
@@ -264,6 +274,8 @@ def evaluate(
             "requests_per_s": round(n_requests / t_score, 2) if t_score > 0 else None,
         },
     }
+    if task_info:
+        out["task_info"] = task_info
     if log_samples:
         out["samples"] = samples
     return out

@@ -153,9 +153,19 @@ def _gen_kwargs(category: str, max_new_tokens: int, seed: int) -> dict:
 
 
 def generate_answers(
-    lm, questions: list[dict], cache: Cache, *, max_new_tokens: int, seed: int, batch: int = 8
+    lm,
+    questions: list[dict],
+    cache: Cache,
+    *,
+    max_new_tokens: int,
+    seed: int,
+    batch: int = 8,
+    overrides: dict | None = None,
 ) -> dict[int, list[str]]:
-    """Both turns of every question not yet in `cache` (a batch of questions per turn)."""
+    """Both turns of every question not yet in `cache` (a batch of questions per turn).
+
+    `overrides` (``--gen-kwargs``) replace generation settings of every request.
+    """
     todo = [q for q in questions if cache.get(str(q["question_id"])) is None]
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
@@ -165,7 +175,7 @@ def generate_answers(
             for q, conv in zip(chunk, convs, strict=True):
                 conv.append({"role": "user", "content": q["turns"][turn]})
                 kw = _gen_kwargs(q["category"], max_new_tokens, seed + 2 * q["question_id"] + turn)
-                requests.append((lm.apply_chat_template(conv), kw))
+                requests.append((lm.apply_chat_template(conv), {**kw, **(overrides or {})}))
             outs = lm.generate_until(requests)
             for conv, text in zip(convs, outs, strict=True):
                 conv.append({"role": "assistant", "content": text.strip()})
@@ -307,7 +317,16 @@ def radar_chart(scores: dict[str, float], path: Path, title: str) -> Path:
 
 
 def answer_and_judge(
-    lm, judge, pairs: list[tuple[dict, int]], prompts, refs, output, *, max_new_tokens, seed
+    lm,
+    judge,
+    pairs: list[tuple[dict, int]],
+    prompts,
+    refs,
+    output,
+    *,
+    max_new_tokens,
+    seed,
+    overrides: dict | None = None,
 ) -> tuple[dict, dict, dict]:
     """Answers of the pairs' questions and judgements of the pairs, both cached in `output`.
 
@@ -319,7 +338,12 @@ def answer_and_judge(
     t0 = time.perf_counter()
     answer_cache = Cache(output / "mt_bench_answers.jsonl", "model", model_id)
     answers = generate_answers(
-        lm, questions, answer_cache, max_new_tokens=max_new_tokens, seed=seed
+        lm,
+        questions,
+        answer_cache,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        overrides=overrides,
     )
     t1 = time.perf_counter()
     judge_cache = Cache(output / "mt_bench_judgements.jsonl", "judge", judge.identity)

@@ -40,7 +40,7 @@ TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 
 # Modules that define task kinds; the registry imports them before reading the task YAMLs.
-KIND_MODULES = ["pyfast.eval.task", "pyfast.eval.gen_task"]
+KIND_MODULES = ["pyfast.eval.task", "pyfast.eval.gen_task", "pyfast.eval.bench_tasks"]
 KINDS: dict[str, type] = {}
 
 

@@ -102,3 +102,75 @@ def test_completions_file_errors(tmp_path, problems):
         humaneval.read_completions(bad, two)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         humaneval.read_completions(tmp_path / "nope.jsonl", two)
+
+
+def _completions_file(path, problems, wrong=()):
+    rows = [
+        {
+            "task_id": p["task_id"],
+            "completion": "    return None\n" if i in wrong else p["canonical_solution"],
+        }
+        for i, p in enumerate(problems)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_scores_a_completions_file_without_a_model(tmp_path, problems, monkeypatch, capsys):
+    from pyfast.cli import main
+    from pyfast.eval import evaluator
+
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded for --completions")
+
+    monkeypatch.setattr(evaluator, "_as_lm", no_model)
+    comps = _completions_file(tmp_path / "samples.jsonl", problems, wrong={3})
+    args = ["eval", "--tasks", "humaneval", "--completions", str(comps), "--data-dir", str(DATA)]
+    assert main(args) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    out = tmp_path / "run"
+    rc = main([*args, "--allow-code-execution", "--output", str(out), "--log-samples"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["results"]["humaneval"]["pass@1"] == pytest.approx(19 / 20)
+    assert res["results"]["humaneval"]["n"] == 20 and res["model"]["spec"] is None
+    info = res["task_info"]["humaneval"]
+    assert info["status_counts"] == {"passed": 19, "failed": 1}
+    assert info["sandbox"]["mode"] in ("namespaces", "basic")
+    rows = [json.loads(x) for x in (out / "samples_humaneval.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows].count(["failed"]) == 1 and rows[3]["pass@1"] == 0.0
+    assert "pass@1" in (out / "results.md").read_text()
+    assert main([*args, "--allow-code-execution", "--num-samples", "0"]) == 2
+    assert "--num-samples must be >= 1" in capsys.readouterr().err
+
+
+def test_generation_path_with_a_tiny_model(tiny_model, tiny_tokenizer):
+    from pyfast.eval import HFLM, evaluate
+
+    class Spy(HFLM):
+        def generate_until(self, requests):
+            self.seen = list(requests)
+            return super().generate_until(requests)
+
+    lm = Spy(tiny_model, tiny_tokenizer, batch_size=4)
+    opts = {"allow_code_execution": True, "num_samples": 2}
+    out = evaluate(
+        lm,
+        "humaneval",
+        data_dir=DATA,
+        limit=2,
+        gen_kwargs={"max_gen_toks": 6},
+        task_options=opts,
+        log_samples=True,
+    )
+    prompts = [s["context"] for s in out["samples"]["humaneval"]]
+    assert prompts == [p["prompt"] for p in humaneval.load_problems(DataStore(DATA), limit=2)]
+    assert [ctx for ctx, _ in lm.seen] == [p for p in prompts for _ in range(2)]
+    kws = [kw for _, kw in lm.seen]
+    assert all(kw["until"] == humaneval.STOP_SEQUENCES and kw["max_gen_toks"] == 6 for kw in kws)
+    assert all(kw["do_sample"] and kw["temperature"] == 0.2 for kw in kws)
+    assert len({kw["seed"] for kw in kws}) == 4
+    r = out["results"]["humaneval"]
+    assert r["n"] == 2 and r["pass@1"] == 0.0 and "pass@10" not in r  # a random model
+    assert out["task_info"]["humaneval"]["num_samples"] == 2
+    assert all(len(s["completions"]) == 2 for s in out["samples"]["humaneval"])
