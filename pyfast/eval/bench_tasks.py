@@ -204,6 +204,10 @@ class MTBenchTask:
         return [(context, mt_bench._gen_kwargs(q["category"], self.max_new_tokens, self.seed))]
 
     def answer_docs(self, lm, docs: list[dict], contexts: list[str], overrides: dict) -> list:
+        try:
+            lm.apply_chat_template([{"role": "user", "content": "?"}])
+        except (ValueError, NotImplementedError) as exc:
+            raise ValueError(f"task {self.name} answers through a chat template: {exc}") from None
         judge = make_judge(
             self.judge,
             key_env=self.judge_key_env,

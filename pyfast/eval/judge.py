@@ -113,7 +113,7 @@ class LocalJudge:
 
     def __init__(self, lm, spec: str, max_tokens: int = MAX_TOKENS):
         self.lm, self.max_tokens = lm, max_tokens
-        self.identity = {"kind": "hf", "model": spec, **getattr(lm, "identity", {})}
+        self.identity = {"kind": "hf", "model": spec, "loaded": getattr(lm, "identity", {})}
 
     def complete(self, system: str, user: str) -> str:
         messages = [{"role": "system", "content": system}] if system else []

@@ -301,3 +301,105 @@ def test_bad_data_and_arguments(tmp_path):
     (d / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(FileNotFoundError, match="gpt-4.jsonl"):
         mt_bench.load(DataStore(tmp_path / "data"))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_lm(tiny_model, tiny_tokenizer):
+    import copy
+
+    from pyfast.eval import HFLM
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return HFLM(tiny_model, tok, batch_size=8)
+
+
+def test_evaluate_mt_bench_with_a_tiny_model_and_an_http_judge(chat_lm, tmp_path):
+    from pyfast.eval import evaluate
+    from pyfast.eval.report import write_run
+
+    out_dir = tmp_path / "run"
+    script = ["[[8]]", "[[6]]", "Rating: [7]", "[[5]]", "no verdict", "[[4]]", "[[9]]", "[[3]]"]
+    with ScriptedJudgeServer(script) as srv:
+        opts = {"judge": f"openai:judge-model@{srv.url}", "judge_key_env": None}
+        out = evaluate(
+            chat_lm,
+            "mt_bench",
+            data_dir=DATA,
+            limit=8,  # documents are (question, turn) pairs: writing, roleplay, reasoning, math
+            output=str(out_dir),
+            gen_kwargs={"max_gen_toks": 4},
+            task_options=opts,
+            log_samples=True,
+        )
+        first = srv.requests[0][2]["messages"][1]["content"]
+    r = out["results"]["mt_bench"]
+    assert r["n"] == 8 and r["unparseable"] == pytest.approx(1 / 8)
+    assert r["score"] == pytest.approx((8 + 6 + 7 + 5 + 4 + 9 + 3) / 7)
+    assert r["turn1"] == pytest.approx((8 + 7 + 9) / 3)  # reasoning's turn 1 is unparseable
+    assert r["turn2"] == pytest.approx((6 + 5 + 4 + 3) / 4)
+    assert r["writing"] == 7.0 and r["reasoning"] == 4.0 and r["math"] == 6.0
+    info = out["task_info"]["mt_bench"]
+    assert info["judge"]["model"] == "judge-model" and info["unparseable"] == 1
+    samples = out["samples"]["mt_bench"]
+    prompts = [s["judge_prompt"] for s in samples]
+    assert (
+        prompts
+        == ["single-v1", "single-v1-multi-turn"] * 2
+        + [
+            "single-math-v1",
+            "single-math-v1-multi-turn",
+        ]
+        * 2
+    )
+    assert samples[0]["answers"][0] in first  # the model's own answer reached the judge
+    written = {p.name for p in write_run(out, out_dir)}
+    assert {"mt_bench_radar.png", "results.json", "samples_mt_bench.jsonl"} <= written
+    assert (out_dir / "mt_bench_answers.jsonl").exists()
+
+
+def test_local_hf_judge_through_evaluate(chat_lm, tmp_path):
+    from pyfast.eval import evaluate
+
+    loaded = []
+
+    def loader(spec):
+        loaded.append(spec)
+        return chat_lm  # the tiny model judges itself (its ratings are noise)
+
+    out = evaluate(
+        chat_lm,
+        "mt_bench",
+        data_dir=DATA,
+        limit=2,
+        output=str(tmp_path),
+        gen_kwargs={"max_gen_toks": 4},
+        task_options={"judge": "hf:tiny", "judge_loader": loader, "judge_max_tokens": 6},
+    )
+    assert loaded == ["tiny"]
+    info = out["task_info"]["mt_bench"]
+    assert info["judge"]["kind"] == "hf" and info["judge"]["model"] == "tiny"
+    assert info["judgements"] == 2 and info["judge_errors"] == 0
+    rows = [
+        json.loads(x) for x in (tmp_path / "mt_bench_judgements.jsonl").read_text().splitlines()
+    ]
+    assert [r["key"] for r in rows] == ["81:1", "81:2"]
+    assert all(r["judge"]["kind"] == "hf" for r in rows)
+
+
+def test_cli_mt_bench_argument_errors(capsys, tmp_path):
+    from pyfast.cli import main
+
+    base = ["eval", "--tasks", "mt_bench", "--data-dir", str(DATA)]
+    assert main(base) == 2
+    assert "needs a judge" in capsys.readouterr().err
+    assert main([*base, "--judge", "gpt-4"]) == 2
+    assert "openai:MODEL@BASE_URL" in capsys.readouterr().err
+    assert main([*base, "--judge", "hf:default"]) == 2
+    assert "needs --output DIR" in capsys.readouterr().err
