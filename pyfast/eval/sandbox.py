@@ -44,6 +44,7 @@ from pathlib import Path
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 ISOLATION_MODES = ("auto", "namespaces", "basic")
 OUTPUT_TAIL = 2000
+REAP_WAIT_S = 10.0  # after a kill: how long to wait for the sandbox's last processes to die
 
 
 @dataclass(frozen=True)
@@ -79,18 +80,23 @@ class ExecResult:
         return asdict(self)
 
 
-def _read_pipe(fd: int, cap: int = 1 << 16) -> bytes:
-    os.set_blocking(fd, False)
+def _drain(fd: int, wait_s: float, cap: int = 1 << 16) -> bytes:
+    """Reads the result pipe until EOF — every process of the sandbox holds its write end, so EOF
+    means all of them are gone — or until `wait_s` passes; keeps at most `cap` bytes."""
+    import select
+
     chunks, total = [], 0
-    while total < cap:
-        try:
-            data = os.read(fd, cap - total)
-        except BlockingIOError:
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
             break
+        data = os.read(fd, 1 << 16)
         if not data:
             break
-        chunks.append(data)
-        total += len(data)
+        if total < cap:
+            chunks.append(data[: cap - total])
+            total += len(chunks[-1])
     return b"".join(chunks)
 
 
@@ -167,7 +173,7 @@ def run_program(
             size = out.tell()
             out.seek(max(0, size - OUTPUT_TAIL * 4))
             output = out.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
-        lines = _read_pipe(read_fd).split(b"\n")
+        lines = _drain(read_fd, REAP_WAIT_S).split(b"\n")
     finally:
         os.close(read_fd)
         if write_fd >= 0:

@@ -403,3 +403,14 @@ def test_cli_mt_bench_argument_errors(capsys, tmp_path):
     assert "openai:MODEL@BASE_URL" in capsys.readouterr().err
     assert main([*base, "--judge", "hf:default"]) == 2
     assert "needs --output DIR" in capsys.readouterr().err
+
+
+def test_ls_tasks_lists_both(capsys):
+    from pyfast.cli import main
+
+    assert main(["ls", "tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    he = next(x for x in lines if x.startswith("humaneval "))
+    mt = next(x for x in lines if x.startswith("mt_bench "))
+    assert "openai/openai_humaneval" in he and "pass@1" in he
+    assert "--data-dir" in mt and "turn2" in mt

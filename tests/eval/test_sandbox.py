@@ -13,7 +13,7 @@ import pytest
 from pyfast.eval import sandbox
 from pyfast.eval.sandbox import Limits, run_program, run_programs
 
-FAST = Limits(wall_s=2.0, cpu_s=1, memory_mb=512, fsize_mb=1, nproc=32, nofile=64)
+FAST = Limits(wall_s=3.0, cpu_s=1, memory_mb=512, fsize_mb=1, nproc=32, nofile=64)
 MODES = ["namespaces", "basic"]
 
 
