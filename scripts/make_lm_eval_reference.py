@@ -191,8 +191,15 @@ def run_lm_eval_gsm8k(
             "batch_size": batch_size, "num_fewshot": 5}  # fmt: skip
 
 
-FILTER_TEXTS = [" so #### -3.5, then 7", "The answer is 12.", "$1,234.50 total", "none",
-                "#### 5\n", "Natalia sold 48/2 = 24 clips.\n#### 72", "It is 1,000. The answer is 9."]  # fmt: skip
+FILTER_TEXTS = [
+    " so #### -3.5, then 7",
+    "The answer is 12.",
+    "$1,234.50 total",
+    "none",
+    "#### 5\n",
+    "Natalia sold 48/2 = 24 clips.\n#### 72",
+    "It is 1,000. The answer is 9.",
+]
 MATCH_REFS = ["1,234.50", "#### 12", "-3.5", "[invalid]", "5.", "9", "Some text\n#### 72"]
 
 
@@ -242,8 +249,10 @@ def lm_eval_generation_facts(data_dir: Path) -> dict:
                 if k in ("ignore_case", "ignore_punctuation", "regexes_to_ignore")}  # fmt: skip
     matches = [[p, r, float(exact_match_hf_evaluate([p], [r], **opts)["exact_match"])]
                for p in FILTER_TEXTS + MATCH_REFS for r in MATCH_REFS]  # fmt: skip
-    rows = [json.loads(line) for line in
-            (data_dir / "truthfulqa_gen" / "validation.jsonl").read_text().splitlines()[:3]]  # fmt: skip
+    rows = [
+        json.loads(line)
+        for line in (data_dir / "truthfulqa_gen" / "validation.jsonl").read_text().splitlines()[:3]
+    ]
     tqa = []
     for row in rows:
         doc = {**row, **preprocess_function(row)}

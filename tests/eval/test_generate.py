@@ -189,8 +189,17 @@ def test_prompts_plain_and_chat(tiny_model, tiny_tokenizer):
         q1, a1 = plain[0].split("\nAnswer: ", 1)
         assert chat.startswith(f"<user>{q1}\nAnswer:</s><assistant>{a1}</s><user>")
         assert chat.endswith(f"<user>{plain[-1]}</s><assistant>")
-        out = evaluate(lm, "gsm8k", data_dir=DATA, split="train", limit=1, num_fewshot=1,
-                       apply_chat_template=True, gen_kwargs="max_gen_toks=4", log_samples=True)  # fmt: skip
+        out = evaluate(
+            lm,
+            "gsm8k",
+            data_dir=DATA,
+            split="train",
+            limit=1,
+            num_fewshot=1,
+            apply_chat_template=True,
+            gen_kwargs="max_gen_toks=4",
+            log_samples=True,
+        )
         assert out["samples"]["gsm8k"][0]["context"].endswith("</s><assistant>")
         with pytest.raises(ValueError, match="generation tasks only"):
             evaluate(lm, "arc_easy", data_dir=DATA, split="validation", apply_chat_template=True)
@@ -200,8 +209,16 @@ def test_prompts_plain_and_chat(tiny_model, tiny_tokenizer):
 
 def test_evaluate_gsm8k_and_truthfulqa_gen(tiny_model, tiny_tokenizer):
     lm = HFLM(tiny_model, tiny_tokenizer, batch_size=8)
-    out = evaluate(lm, "gsm8k,truthfulqa_gen", data_dir=DATA, split="gsm8k=train,validation",
-                   limit=3, num_fewshot=1, gen_kwargs={"max_gen_toks": 8}, log_samples=True)  # fmt: skip
+    out = evaluate(
+        lm,
+        "gsm8k,truthfulqa_gen",
+        data_dir=DATA,
+        split="gsm8k=train,validation",
+        limit=3,
+        num_fewshot=1,
+        gen_kwargs={"max_gen_toks": 8},
+        log_samples=True,
+    )
     g = out["results"]["gsm8k"]
     assert g["n"] == 3 and {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(g)
     s = out["samples"]["gsm8k"][0]
