@@ -125,9 +125,9 @@ def cut_at_stop(text: str, until) -> str:
 
 
 def parse_gen_kwargs(text: str | None) -> dict:
-    """'temperature=0.7,top_p=0.9,max_gen_toks=64,do_sample=true' -> dict (validated later).
+    """'temperature=0.7,top_p=0.9,max_gen_toks=64,do_sample=true' -> typed dict.
 
-    Raises ValueError for an entry that is not KEY=VALUE or an unknown key.
+    Raises ValueError for an entry that is not KEY=VALUE, an unknown key or a bad value.
     """
     out: dict = {}
     for part in (text or "").split(","):
@@ -142,6 +142,9 @@ def parse_gen_kwargs(text: str | None) -> dict:
             raise ValueError(
                 f"--gen-kwargs: unknown key {key!r}; known: {', '.join(sorted(_KEYS - {'until'}))}"
             )
-        out[key] = value
+        if key == "do_sample":
+            out[key] = _bool(value, key)
+        else:
+            out[key] = _number(value, key, float if key in ("temperature", "top_p") else int)
     normalize_gen_kwargs(out)  # bad values fail here, naming the key
     return out

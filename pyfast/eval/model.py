@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -355,15 +356,19 @@ class HFLM(LM):
         Like lm-eval 0.4.x's HF backend: the context is left-truncated to ``max_length -
         max_gen_toks`` tokens, a row ends at the model's EOS token or after ``max_gen_toks``
         tokens, the decoded text (special tokens skipped) is cut at the first stop string of
-        ``until`` (plus the EOS string). Requests with the same settings are length-sorted
-        (longest first) and generated ``batch_size`` at a time: the batch is left-padded, the
-        prompt runs once into a KV cache, then one token per step; a row leaves the batch
-        (and the cache) as soon as it hits EOS or a stop string, so the remaining rows do not
-        pay for it. Greedy results do not depend on the batch size (up to float rounding of
-        padded matmuls); sampled rows draw from their own generator seeded with the request's
-        ``seed`` (default 1234 + its index in `requests`).
+        ``until`` (plus the EOS string).
 
-        `callback(index, text)` is called for every request as soon as its batch is done.
+        Requests with the same settings are length-sorted (longest first) and decoded with
+        continuous batching over one KV cache of up to ``batch_size`` rows: each prompt is
+        prefilled on its own (no padding: the causal attention fast path), its cache joins the
+        left-padded batch cache, then the batch decodes one token per step; a row leaves the
+        batch as soon as it hits EOS, a stop string or max_gen_toks, and the next request takes
+        its place, so short answers never wait for the longest one. Greedy results do not
+        depend on the batch size (up to float rounding of padded matmuls); sampled rows draw
+        from their own generator seeded with the request's ``seed`` (default 1234 + its index
+        in `requests`).
+
+        `callback(index, text)` is called for every request as soon as it is finished.
         """
         start = time.perf_counter()
         items = []
@@ -379,6 +384,12 @@ class HFLM(LM):
             ids = self._encode_context(req[0])[-(self.max_length - g.max_gen_toks) :]
             items.append((i, ids or [self.prefix_token_id], g))
         results: list[str | None] = [None] * len(items)
+
+        def finish(i: int, text: str) -> None:
+            results[i] = text
+            if callback is not None:
+                callback(i, text)
+
         by_settings: dict[tuple, list] = {}
         for it in items:
             by_settings.setdefault(it[2].batch_key(), []).append(it)
@@ -387,12 +398,7 @@ class HFLM(LM):
         try:
             for group in by_settings.values():
                 group.sort(key=lambda it: (-len(it[1]), it[0]))
-                for b in range(0, len(group), self.batch_size):
-                    batch = group[b : b + self.batch_size]
-                    for (i, _, _), text in zip(batch, self._generate_batch(batch), strict=True):
-                        results[i] = text
-                        if callback is not None:
-                            callback(i, text)
+                self._generate_group(group, finish)
         finally:
             self.model.train(was_training)
         self.stats["generation_requests"] = self.stats.get("generation_requests", 0) + len(items)
@@ -419,69 +425,100 @@ class HFLM(LM):
         picks = [torch.multinomial(probs[a], 1, generator=gen) for a, gen in enumerate(generators)]
         return torch.cat(picks).to(logits.device)
 
-    @torch.inference_mode()
-    def _generate_batch(self, batch: list) -> list[str]:
-        """Generates one batch of (index, context ids, GenKwargs) sharing their settings."""
-        dev, g = self.device, batch[0][2]
+    def _stops(self, g: GenKwargs) -> list[str]:
         until = list(g.until)
         if self.tokenizer.eos_token_id is not None:  # lm-eval adds the EOS string to the stops
             eos_text = self.tokenizer.decode([self.tokenizer.eos_token_id])
             if eos_text not in until:
                 until.append(eos_text)
-        window = max(len(s.encode("utf-8")) for s in until) + 2  # tokens that can hold a stop
-        eos_ids = self._eos_ids()
-        B, T = len(batch), max(len(ids) for _, ids, _ in batch)
-        inp = torch.full((B, T), self.prefix_token_id, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for r, (_, ids, _) in enumerate(batch):
-            inp[r, T - len(ids) :] = torch.tensor(ids)
-            mask[r, T - len(ids) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = []
-        for i, _, gk in batch:
-            gen = torch.Generator()
-            gen.manual_seed(gk.seed if gk.seed is not None else 1234 + i)
-            generators.append(gen)
-        mask, pos = mask.to(dev), pos.to(dev)
-        out = self.body(input_ids=inp.to(dev), attention_mask=mask, position_ids=pos,
-                        use_cache=True)  # fmt: skip
+        return until
+
+    def _forward(self, ids: torch.Tensor, **kw):
+        """Body pass -> (last-position float32 logits (B, V), cache)."""
+        out = self.body(input_ids=ids, use_cache=True, **kw)
         self.stats["forward_passes"] += 1
         cache = getattr(out, "cache", None) or out.past_key_values
-        logits = self.head(out.last_hidden_state[:, -1]).float()  # (B, V)
-        next_pos = pos[:, -1:] + 1  # (A, 1)
-        alive = list(range(B))  # batch rows still generating
-        gens: list[list[int]] = [[] for _ in range(B)]
-        for step in range(g.max_gen_toks):
-            tok = self._pick(logits, g, generators)  # (A,)
-            keep = []
-            for a, (r, t) in enumerate(zip(alive, tok.tolist(), strict=True)):
-                if t in eos_ids:
+        return self.head(out.last_hidden_state[:, -1]).float(), cache
+
+    @torch.inference_mode()
+    def _generate_group(self, group: list, finish: Callable[[int, str], None]) -> None:
+        """Continuous batching of (index, context ids, GenKwargs) sharing their settings."""
+        from transformers.cache_utils import DynamicLayer
+
+        dev, g = self.device, group[0][2]
+        until = self._stops(g)
+        window = max(len(s.encode("utf-8")) for s in until) + 2  # tokens that can hold a stop
+        eos_ids = self._eos_ids()
+        queue = deque(group)
+        capacity = self.batch_size
+        rows: list[list] = []  # [request index, generated ids, generator] per cache row
+        cache = mask = next_pos = logits = None  # mask (A, L) left-padded; next_pos (A, 1)
+        while queue or rows:
+            while queue and len(rows) < capacity:  # admit: prefill one prompt, unpadded
+                i, ids, gk = queue.popleft()
+                row_logits, row_cache = self._forward(torch.tensor([ids], device=dev))
+                if any(type(layer) is not DynamicLayer for layer in row_cache.layers):
+                    capacity = 1  # caches that cannot be padded and joined: one row at a time
+                gen = torch.Generator()
+                gen.manual_seed(gk.seed if gk.seed is not None else 1234 + i)
+                rows.append([i, [], gen])
+                n = len(ids)
+                if cache is None:
+                    cache, logits = row_cache, row_logits
+                    mask = torch.ones((1, n), dtype=torch.long, device=dev)
+                    next_pos = torch.full((1, 1), n, dtype=torch.long, device=dev)
                     continue
-                gens[r].append(t)
-                tail = self.tokenizer.decode(gens[r][-window:], skip_special_tokens=True)
-                if not any(s and s in tail for s in until):
-                    keep.append(a)
-            if not keep or step == g.max_gen_toks - 1:
-                break
-            if len(keep) < len(alive):  # finished rows leave the batch and the cache
+                width = max(mask.shape[1], n)
+                for layer, new in zip(cache.layers, row_cache.layers, strict=True):
+                    layer.keys = torch.cat(
+                        [_left_pad(layer.keys, width), _left_pad(new.keys, width)]
+                    )
+                    layer.values = torch.cat(
+                        [_left_pad(layer.values, width), _left_pad(new.values, width)]
+                    )
+                ones = torch.ones((1, n), dtype=torch.long, device=dev)
+                mask = torch.cat([_left_pad(mask, width, dim=1), _left_pad(ones, width, dim=1)])
+                next_pos = torch.cat([next_pos, torch.full((1, 1), n, device=dev)])
+                logits = torch.cat([logits, row_logits])
+            tok = self._pick(logits, g, [r[2] for r in rows])  # (A,)
+            keep = []
+            for a, (row, t) in enumerate(zip(rows, tok.tolist(), strict=True)):
+                if t not in eos_ids:
+                    row[1].append(t)
+                    tail = self.tokenizer.decode(row[1][-window:], skip_special_tokens=True)
+                    if len(row[1]) < g.max_gen_toks and not any(s and s in tail for s in until):
+                        keep.append(a)
+                        continue
+                self.stats["generated_tokens"] = self.stats.get("generated_tokens", 0) + len(row[1])
+                text = self.tokenizer.decode(row[1], skip_special_tokens=True)
+                finish(row[0], cut_at_stop(text, until))
+            if not keep:
+                rows, cache = [], None
+                continue
+            if len(keep) < len(rows):  # finished rows leave the batch and the cache
                 idx = torch.tensor(keep, device=dev)
-                cache.reorder_cache(idx)
+                cache.batch_select_indices(idx)
                 mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
-                alive = [alive[a] for a in keep]
-                generators = [generators[a] for a in keep]
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            out = self.body(
-                input_ids=tok[:, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                use_cache=True,
-                **{self._cache_arg: cache},
+                rows = [rows[a] for a in keep]
+                first = int(mask.any(0).long().argmax())  # columns that are padding everywhere
+                if first:
+                    mask = mask[:, first:]
+                    for layer in cache.layers:
+                        layer.keys = layer.keys[..., first:, :]
+                        layer.values = layer.values[..., first:, :]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            logits, cache = self._forward(
+                tok[:, None], attention_mask=mask, position_ids=next_pos, **{self._cache_arg: cache}
             )
-            self.stats["forward_passes"] += 1
             next_pos = next_pos + 1
-            logits = self.head(out.last_hidden_state[:, -1]).float()
-        self.stats["generated_tokens"] = self.stats.get("generated_tokens", 0) + sum(map(len, gens))
-        return [
-            cut_at_stop(self.tokenizer.decode(toks, skip_special_tokens=True), until)
-            for toks in gens
-        ]
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """Zero-pads `t` on the left of `dim` to `width` entries."""
+    dim = dim % t.dim()
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -68,3 +68,22 @@ def test_metrics_equal_lm_eval():
             key = metric.replace("acc", "mc2") if name == "truthfulqa_mc2" else metric
             # lm-eval names TruthfulQA's MC2 score "acc"
             assert res[key] == pytest.approx(value, rel=1e-12), (name, metric)
+
+
+def test_gsm8k_generations_equal_lm_eval():
+    """5-shot greedy GSM8K with the default model: same prompts, generations, extracted answers
+    and exact_match as lm-eval 0.4.13's HF backend (tests/data/lm_eval_reference/gsm8k.json)."""
+    ref = json.loads((REFERENCE / "gsm8k.json").read_text())
+    out = evaluate(HFLM("default", batch_size=4), "gsm8k", data_dir=DATA, split="train",
+                   limit=len(ref["docs"]), log_samples=True)  # fmt: skip
+    for want, got in zip(ref["docs"], out["samples"]["gsm8k"], strict=True):
+        assert got["context"] == want["context"]
+        assert got["generation"] == want["generation"]
+        assert got["extracted"] == want["extracted"]
+        assert got["target"] == want["target"]
+        for f, v in want["exact_match"].items():
+            assert got[f"exact_match,{f}"] == v
+    for key, value in ref["metrics"].items():
+        metric, _, f = key.partition(",")
+        name = f"{metric.removesuffix('_stderr')},{f}" + ("_stderr" if "_stderr" in metric else "")
+        assert out["results"]["gsm8k"][name] == pytest.approx(value, abs=1e-12), key
