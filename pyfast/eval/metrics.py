@@ -81,9 +81,20 @@ def exact_match(
 _ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 
 
+def _need(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"TruthfulQA generation metrics need {package}: pip install sacrebleu rouge_score"
+        ) from None
+
+
 @functools.cache
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
+    rouge_scorer = _need("rouge_score.rouge_scorer", "rouge_score")
 
     return rouge_scorer.RougeScorer(list(_ROUGE_TYPES))
 
@@ -91,8 +102,7 @@ def _rouge_scorer():
 def bleu(reference: str, prediction: str) -> float:
     """Sentence BLEU as lm-eval's TruthfulQA computes it (T5 style, sacrebleu corpus_bleu with
     exp smoothing 0.0, intl tokenisation, no lower-casing, no effective order)."""
-    import sacrebleu
-
+    sacrebleu = _need("sacrebleu", "sacrebleu")
     return sacrebleu.corpus_bleu(
         [prediction],
         [[reference]],

@@ -52,7 +52,8 @@ def bar_chart(out: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(labels) + 1.5), 4.0))
     ax.bar(range(len(values)), values, yerr=errs, capsize=3, color="#4C72B0")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(0, max(1.0, *(v * 1.05 for v in values)))  # MT-Bench ratings go to 10
+    if all(0.0 <= v <= 1.0 for v in values):  # BLEU/ROUGE (0-100) and *_diff keep their range
+        ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.set_title(f"pyfast eval: {out['model'].get('spec', '?')}", fontsize=9)
     fig.tight_layout()

@@ -44,6 +44,7 @@ from pathlib import Path
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 ISOLATION_MODES = ("auto", "namespaces", "basic")
 OUTPUT_TAIL = 2000
+TERMINATE_WAIT_S = 5.0  # at the timeout: how long the supervisor gets to kill its namespace
 REAP_WAIT_S = 10.0  # after a kill: how long to wait for the sandbox's last processes to die
 
 
@@ -164,7 +165,7 @@ def run_program(
                 timed_out = True
                 proc.terminate()  # the supervisor kills its PID namespace and waits for it
                 try:
-                    proc.wait(timeout=5)
+                    proc.wait(timeout=TERMINATE_WAIT_S)
                 except subprocess.TimeoutExpired:
                     pass
             _kill_group(proc)  # also reaps stragglers of the basic mode's process group
