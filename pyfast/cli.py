@@ -76,9 +76,31 @@ def _eval(sub):
     p.add_argument("--output", default=None, help="folder for results.json/.md/.png (+ samples)")
     p.add_argument("--log-samples", action="store_true", help="write samples_<task>.jsonl")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="generation tasks: render prompts with the model's chat template, few-shot "
+        "examples as turns",
+    )
+    p.add_argument(
+        "--gen-kwargs",
+        default=None,
+        help="override generation settings: KEY=VALUE,... with temperature, top_p, top_k, "
+        "max_gen_toks, do_sample, seed",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the generations cached in --output by an interrupted run",
+    )
+
+    from pyfast.eval.bench_tasks import add_arguments
+
+    add_arguments(p)  # humaneval / mt_bench options
 
     def run(args):
         from pyfast.eval import evaluate
+        from pyfast.eval.bench_tasks import options_from_args
         from pyfast.eval.registry import expand
         from pyfast.eval.report import markdown_table, write_run
         from pyfast.models import resolve_model
@@ -88,6 +110,12 @@ def _eval(sub):
             resolve_model(args.model)
         if args.log_samples and not args.output:
             raise ValueError("--log-samples needs --output DIR")
+        if args.resume and not args.output:
+            raise ValueError("--resume needs --output DIR (the folder of the interrupted run)")
+        if args.gen_kwargs:
+            from pyfast.eval.generation import parse_gen_kwargs
+
+            parse_gen_kwargs(args.gen_kwargs)  # bad settings fail before the model loads
         out = evaluate(
             args.model,
             args.tasks,
@@ -100,6 +128,11 @@ def _eval(sub):
             split=args.split,
             seed=args.seed,
             log_samples=args.log_samples,
+            apply_chat_template=args.apply_chat_template,
+            gen_kwargs=args.gen_kwargs,
+            output=args.output,
+            resume=args.resume,
+            task_options=options_from_args(args),
         )
         if out["config"]["world_size"] > 1:
             import torch.distributed as dist

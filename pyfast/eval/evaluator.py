@@ -11,6 +11,9 @@ import torch
 import pyfast
 from pyfast.eval import metrics, registry
 from pyfast.eval.data import DataStore
+from pyfast.eval.gen_cache import GenerationCache
+from pyfast.eval.gen_cache import sharded_generate as _sharded_generate
+from pyfast.eval.generation import normalize_gen_kwargs, parse_gen_kwargs
 from pyfast.eval.model import HFLM, LM
 
 
@@ -98,17 +101,35 @@ def evaluate(
     seed: int = 1234,
     log_samples: bool = False,
     max_length: int | None = None,
+    apply_chat_template: bool = False,
+    gen_kwargs: dict | str | None = None,
+    output: str | None = None,
+    resume: bool = False,
+    task_options: dict | None = None,
 ) -> dict:
-    """Evaluates `model` on `tasks` (names or groups, e.g. "arc_easy,mmlu").
+    """Evaluates `model` on `tasks` (names or groups, e.g. "arc_easy,mmlu,gsm8k").
 
     Args:
         model: an :class:`LM`, a spec for :func:`pyfast.models.load_model` ('default', HF folder,
             file.gguf), or an in-memory ``PreTrainedModel`` together with `tokenizer`.
-        num_fewshot: shots per prompt (default 0); limit: first N documents per task.
+        num_fewshot: shots per prompt (default: each task's own, 0 for multiple choice, 5 for
+            gsm8k, 8 for gsm8k_cot); limit: first N documents per task.
         data_dir: local ``<dir>/<data-name>/<split>.jsonl`` files instead of the HF datasets;
         split: evaluate this split instead of the task's default; per task with
             "validation,hellaswag=train" (a group name such as mmlu applies to its members).
-        seed: few-shot sampling seed (lm-eval's default 1234).
+        seed: few-shot sampling seed (lm-eval's default 1234); sampled generations of document
+            d use seed ``seed + 10000 * d + j`` for its j-th request.
+        apply_chat_template: generation tasks render their prompts with the model's chat
+            template (few-shot examples as turns).
+        gen_kwargs: overrides of every generation task's kwargs ("temperature=0.7,top_p=0.9"
+            or a dict: temperature, top_p, top_k, max_gen_toks, do_sample).
+        output: run folder; generations are cached there per document
+            (``generations_<task>.jsonl``, one line appended per finished document);
+        task_options: run options of the task kinds that take them (``configure``): humaneval's
+            allow_code_execution, num_samples, completions, sandbox_limits; mt_bench's judge,
+            judge_key_env, judge_max_tokens, judge_loader (see pyfast/eval/bench_tasks.py).
+        resume: reuse the cached generations of `output` whose prompt and kwargs are unchanged
+            (an interrupted run continues where it stopped); without it the cache restarts.
 
     Under torchrun (WORLD_SIZE > 1) documents are scored round-robin across the ranks (gloo) and
     gathered, so every rank returns the same complete result.
@@ -128,20 +149,29 @@ def evaluate(
         raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if resume and not output:
+        raise ValueError("--resume needs --output DIR (the folder of the interrupted run)")
+    if isinstance(gen_kwargs, str):
+        overrides = parse_gen_kwargs(gen_kwargs)
+    else:
+        overrides = dict(gen_kwargs or {})
+        normalize_gen_kwargs(overrides)
     leaves, groups = registry.expand(names)
     splits = parse_split(split)
     for key in splits:
         if key != "*":
             registry.expand([key])  # unknown task names in --split fail here, with suggestions
-    shots = num_fewshot or 0
     t0 = time.perf_counter()
     store = DataStore(data_dir)
+    lm = None
+    if apply_chat_template:  # the prompts need the tokenizer's template
+        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
 
-    prepared = []  # (task, split, docs, contexts, first request index)
-    requests: list[tuple[str, str]] = []
-    doc_sizes: list[int] = []
+    prepared = []  # (task, split, docs, contexts, per-doc requests, shots)
     for name in leaves:
         task = registry.get_task(name)
+        if hasattr(task, "configure"):  # kinds with run options (humaneval, mt_bench)
+            task = task.configure({"seed": seed, "output": output, **(task_options or {})})
         owners = [name, *task.groups, *(["mmlu"] if task.subject else [])]
         eval_split = next((splits[k] for k in owners if k in splits), None)
         eval_split = eval_split or splits.get("*") or task.data["split"]
@@ -152,52 +182,57 @@ def evaluate(
             if task.subject is not None and len(leaves) > 1:
                 continue  # an MMLU subject absent from a local slice: skipped like a 0-size task
             raise ValueError(f"task {name}: split {eval_split!r} has no documents")
+        shots = task.num_fewshot if num_fewshot is None else num_fewshot
         pool, fs_split = [], task.data.get("fewshot_split") or eval_split
-        if shots:
+        if shots and task.needs_fewshot_pool:
             pool = task.docs(store, fs_split)
-        ctxs = task.contexts(docs, pool, shots, seed, same_split=fs_split == eval_split)
-        prepared.append((task, eval_split, docs, ctxs, len(requests)))
-        for doc, ctx in zip(docs, ctxs, strict=True):
-            requests += task.requests(doc, ctx)
-            doc_sizes.append(len(doc["choices"]))
+        chat = lm.apply_chat_template if apply_chat_template else None
+        ctxs = task.contexts(docs, pool, shots, seed, fs_split == eval_split, chat=chat)
+        reqs = [task.requests(doc, ctx) for doc, ctx in zip(docs, ctxs, strict=True)]
+        if task.request_type == "generate_until":
+            reqs = [_with_overrides(r, overrides, seed, d) for d, r in enumerate(reqs)]
+        prepared.append((task, eval_split, docs, ctxs, reqs, shots))
     if not prepared:
         raise ValueError(f"no documents found for {', '.join(names)}")
     t_prep = time.perf_counter() - t0
 
-    lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
+    if lm is None and any(getattr(p[0], "needs_lm", True) for p in prepared):
+        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
     t1 = time.perf_counter()
-    answers = _sharded_loglikelihood(lm, requests, doc_sizes)
+    ll_reqs = [r for p in prepared if p[0].request_type == "loglikelihood" for d in p[4] for r in d]
+    ll_sizes = [len(d) for p in prepared if p[0].request_type == "loglikelihood" for d in p[4]]
+    ll_answers = iter(_sharded_loglikelihood(lm, ll_reqs, ll_sizes) if ll_reqs else [])
+    answers = {}  # task name -> per-document answers
+    n_requests = len(ll_reqs)
+    for task, _split, docs, ctxs, reqs, _shots in prepared:
+        if hasattr(task, "answer_docs"):  # kinds that drive the LM themselves (multi-turn)
+            answers[task.name] = task.answer_docs(lm, docs, ctxs, overrides)
+        elif task.request_type == "loglikelihood":
+            answers[task.name] = [[next(ll_answers) for _ in d] for d in reqs]
+        elif task.request_type == "generate_until":
+            cache = GenerationCache.for_task(output, task.name, lm, resume) if output else None
+            answers[task.name] = _sharded_generate(lm, reqs, cache)
+            n_requests += sum(map(len, reqs))
+        else:
+            raise ValueError(f"task {task.name}: unknown request type {task.request_type!r}")
     t_score = time.perf_counter() - t1
 
-    results, samples = {}, {}
-    for task, eval_split, docs, ctxs, start in prepared:
-        per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
+    results, samples, task_info = {}, {}, {}
+    for task, eval_split, docs, ctxs, _reqs, _shots in prepared:
+        per_metric: dict[str, list[float]] = {m: [] for m in task.metric_names()}
         logs = []
-        for doc_id, (doc, ctx) in enumerate(zip(docs, ctxs, strict=True)):
-            n = len(doc["choices"])
-            ans = answers[start : start + n]
-            start += n
-            lls = [a[0] for a in ans]
-            scores = task.score(doc, lls)
+        for doc_id, (doc, ctx, ans) in enumerate(zip(docs, ctxs, answers[task.name], strict=True)):
+            scores = task.score(doc, ans)
             for m, v in scores.items():
-                per_metric[m].append(v)
+                per_metric.setdefault(m, []).append(v)
             if log_samples:
-                logs.append(
-                    {
-                        "doc_id": doc_id,
-                        "context": ctx,
-                        "choices": doc["choices"],
-                        "loglikelihoods": lls,
-                        "is_greedy": [bool(a[1]) for a in ans],
-                        "gold": doc["labels"] if "labels" in doc else doc["gold"],
-                        "prediction": task.prediction(lls),
-                        **scores,
-                    }
-                )
+                logs.append({"doc_id": doc_id, **task.sample_log(doc, ctx, ans, scores)})
         res: dict = {"n": len(docs), "split": eval_split}
         for m, vals in per_metric.items():
             res[m], res[f"{m}_stderr"] = _summarise(vals)
         results[task.name] = res
+        if hasattr(task, "run_info"):  # e.g. the sandbox of humaneval, the judge of mt_bench
+            task_info[task.name] = task.run_info()
         if log_samples:
             samples[task.name] = logs
 
@@ -207,7 +242,8 @@ def evaluate(
         "groups": {g: groups[g] for g in out_groups},
         "config": {
             "tasks": names,
-            "num_fewshot": shots,
+            "num_fewshot": num_fewshot if num_fewshot is not None else 0,
+            "task_num_fewshot": {p[0].name: p[5] for p in prepared},
             "limit": limit,
             "batch_size": getattr(lm, "batch_size", batch_size),
             "device": str(getattr(lm, "device", device)),
@@ -217,8 +253,12 @@ def evaluate(
             "seed": seed,
             "max_length": getattr(lm, "max_length", max_length),
             "world_size": _world()[1],
+            "apply_chat_template": apply_chat_template,
+            "gen_kwargs": overrides,
         },
-        "model": getattr(lm, "identity", {"spec": type(lm).__name__}),
+        "model": getattr(lm, "identity", {"spec": type(lm).__name__})
+        if lm is not None
+        else {"spec": None, "note": "no model loaded: scored completions given as files"},
         "data": {"sha256": dict(store.hashes)},
         "pyfast_version": pyfast.__version__,
         "environment": {
@@ -230,12 +270,26 @@ def evaluate(
         "timings": {
             "prepare_s": round(t_prep, 3),
             "score_s": round(t_score, 3),
-            "requests": len(requests),
-            "requests_per_s": round(len(requests) / t_score, 2) if t_score > 0 else None,
+            "requests": n_requests,
+            "requests_per_s": round(n_requests / t_score, 2) if t_score > 0 else None,
         },
     }
+    if task_info:
+        out["task_info"] = task_info
     if log_samples:
         out["samples"] = samples
+    return out
+
+
+def _with_overrides(requests: list, overrides: dict, seed: int, doc_id: int) -> list:
+    """Generation requests of one document with the --gen-kwargs overrides and, when sampling,
+    a per-request seed (so results do not depend on batching, sharding or resuming)."""
+    out = []
+    for j, (ctx, kw) in enumerate(requests):
+        kw = {**kw, **overrides}
+        if normalize_gen_kwargs(kw).do_sample and "seed" not in kw:
+            kw["seed"] = seed + 10000 * doc_id + j
+        out.append((ctx, kw))
     return out
 
 

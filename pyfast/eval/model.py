@@ -1,8 +1,9 @@
 """The LM API of pyfast.eval and its Hugging Face backend.
 
 Two calls, as in lm-evaluation-harness: ``loglikelihood(requests) -> [(logprob, is_greedy)]`` and
-``generate_until(requests) -> [str]``. The HF backend scores exactly like lm-eval 0.4.x's HF
-backend (same tokenisation of context/continuation pairs, same truncation) but computes faster:
+``generate_until(requests) -> [str]`` (see :meth:`HFLM.generate_until`). The HF backend scores
+exactly like lm-eval 0.4.x's HF backend (same tokenisation of context/continuation pairs, same
+truncation) but computes faster:
 
 - requests whose model inputs share the same context tokens form a *group*; its context tokens
   run once for all its continuations;
@@ -24,11 +25,13 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
 from pyfast.eval.scoring import target_logprobs
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
@@ -44,12 +47,19 @@ class LM:
         """For each (context, continuation): (sum of log p(continuation tokens), all greedy)."""
         raise NotImplementedError
 
-    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
-        """For each (context, {until: [...], max_gen_toks: N, ...}): the generated text."""
-        raise NotImplementedError(
-            f"{type(self).__name__}.generate_until is not implemented yet: generation tasks "
-            "(gsm8k, humaneval, ...) are not available in this version of pyfast eval"
-        )
+    def generate_until(
+        self, requests: Sequence[tuple[str, dict]], callback: Callable | None = None
+    ) -> list[str]:
+        """For each (context, {until: [...], max_gen_toks: N, ...}): the generated text.
+
+        `callback(index, text)`, if given, is called as soon as request `index` is finished
+        (in any order), so callers can persist results of long runs incrementally.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate_until")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Renders [{role, content}, ...] with the model's chat template (as text)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
 
 
 @dataclass
@@ -461,3 +471,223 @@ class HFLM(LM):
         self.stats["requests"] += len(requests)
         self.stats["seconds"] += time.perf_counter() - start
         return results  # type: ignore[return-value]
+
+    # -- generation -------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Renders [{role, content}, ...] with the tokenizer's chat template, as text.
+
+        As lm-eval does: with ``add_generation_prompt`` the assistant header is appended,
+        otherwise the last (assistant) message is left open to be continued; a template that
+        rejects the system role is retried without the system messages.
+
+        Raises ValueError if the tokenizer has no chat template.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"the tokenizer of model {self.identity.get('spec')!r} has no chat template "
+                "(drop --apply-chat-template)"
+            )
+        import jinja2
+
+        kw = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
+              "continue_final_message": not add_generation_prompt}  # fmt: skip
+        try:
+            return self.tokenizer.apply_chat_template(messages, **kw)
+        except jinja2.exceptions.TemplateError:
+            if not any(m.get("role") == "system" for m in messages):
+                raise
+            return self.tokenizer.apply_chat_template(
+                [m for m in messages if m.get("role") != "system"], **kw
+            )
+
+    def _encode_context(self, context: str) -> list[int]:
+        """Context tokens as lm-eval's tok_batch_encode makes them (no extra BOS if present)."""
+        bos = self.tokenizer.bos_token
+        if bos and context.startswith(bos):
+            return self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(context)["input_ids"]
+
+    def _eos_ids(self) -> set[int]:
+        gc = getattr(self.model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def generate_until(
+        self, requests: Sequence[tuple[str, dict]], callback: Callable | None = None
+    ) -> list[str]:
+        """Generates a continuation of each context; returns the texts in input order.
+
+        Each request is ``(context, gen_kwargs)`` (keys in :mod:`pyfast.eval.generation`).
+        Like lm-eval 0.4.x's HF backend: the context is left-truncated to ``max_length -
+        max_gen_toks`` tokens, a row ends at the model's EOS token or after ``max_gen_toks``
+        tokens, the decoded text (special tokens skipped) is cut at the first stop string of
+        ``until`` (plus the EOS string).
+
+        Requests with the same settings are length-sorted (longest first) and decoded with
+        continuous batching over one KV cache of up to ``batch_size`` rows: each prompt is
+        prefilled on its own (no padding: the causal attention fast path), its cache joins the
+        left-padded batch cache, then the batch decodes one token per step; a row leaves the
+        batch as soon as it hits EOS, a stop string or max_gen_toks, and the next request takes
+        its place, so short answers never wait for the longest one. Greedy results do not
+        depend on the batch size (up to float rounding of padded matmuls); sampled rows draw
+        from their own generator seeded with the request's ``seed`` (default 1234 + its index
+        in `requests`).
+
+        `callback(index, text)` is called for every request as soon as it is finished.
+        """
+        start = time.perf_counter()
+        items = []
+        for i, req in enumerate(requests):
+            if not (isinstance(req, (tuple, list)) and len(req) == 2 and isinstance(req[0], str)):
+                raise ValueError(f"generation request {i} must be (context: str, gen_kwargs: dict)")
+            g = normalize_gen_kwargs(req[1])
+            if g.max_gen_toks >= self.max_length:
+                raise ValueError(
+                    f"generation request {i}: max_gen_toks {g.max_gen_toks} must be smaller "
+                    f"than the model's max_length {self.max_length}"
+                )
+            ids = self._encode_context(req[0])[-(self.max_length - g.max_gen_toks) :]
+            items.append((i, ids or [self.prefix_token_id], g))
+        results: list[str | None] = [None] * len(items)
+
+        def finish(i: int, text: str) -> None:
+            results[i] = text
+            if callback is not None:
+                callback(i, text)
+
+        by_settings: dict[tuple, list] = {}
+        for it in items:
+            by_settings.setdefault(it[2].batch_key(), []).append(it)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for group in by_settings.values():
+                group.sort(key=lambda it: (-len(it[1]), it[0]))
+                self._generate_group(group, finish)
+        finally:
+            self.model.train(was_training)
+        self.stats["generation_requests"] = self.stats.get("generation_requests", 0) + len(items)
+        self.stats["generate_seconds"] = (
+            self.stats.get("generate_seconds", 0.0) + time.perf_counter() - start
+        )
+        return results  # type: ignore[return-value]
+
+    def _pick(self, logits: torch.Tensor, g: GenKwargs, generators: list) -> torch.Tensor:
+        """Next token per row from float32 logits (A, V): argmax, or a seeded sample."""
+        if not g.do_sample:
+            return logits.argmax(-1)
+        logits = logits / g.temperature
+        if g.top_k:
+            kth = torch.topk(logits, min(g.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if g.top_p < 1.0:
+            srt, order = logits.sort(dim=-1, descending=True)
+            probs = srt.softmax(-1)
+            drop = (probs.cumsum(-1) - probs) >= g.top_p  # mass before the token already >= p
+            drop[:, 0] = False
+            logits = logits.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1).cpu()
+        picks = [torch.multinomial(probs[a], 1, generator=gen) for a, gen in enumerate(generators)]
+        return torch.cat(picks).to(logits.device)
+
+    def _stops(self, g: GenKwargs) -> list[str]:
+        until = list(g.until)
+        if self.tokenizer.eos_token_id is not None:  # lm-eval adds the EOS string to the stops
+            eos_text = self.tokenizer.decode([self.tokenizer.eos_token_id])
+            if eos_text not in until:
+                until.append(eos_text)
+        return until
+
+    def _forward(self, ids: torch.Tensor, **kw):
+        """Body pass -> (last-position float32 logits (B, V), cache)."""
+        out = self.body(input_ids=ids, use_cache=True, **kw)
+        self.stats["forward_passes"] += 1
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return self.head(out.last_hidden_state[:, -1]).float(), cache
+
+    @torch.inference_mode()
+    def _generate_group(self, group: list, finish: Callable[[int, str], None]) -> None:
+        """Continuous batching of (index, context ids, GenKwargs) sharing their settings."""
+        from transformers.cache_utils import DynamicLayer
+
+        dev, g = self.device, group[0][2]
+        until = self._stops(g)
+        window = max(len(s.encode("utf-8")) for s in until) + 2  # tokens that can hold a stop
+        eos_ids = self._eos_ids()
+        queue = deque(group)
+        capacity = self.batch_size
+        rows: list[list] = []  # [request index, generated ids, generator] per cache row
+        cache = mask = next_pos = logits = None  # mask (A, L) left-padded; next_pos (A, 1)
+        while queue or rows:
+            while queue and len(rows) < capacity:  # admit: prefill one prompt, unpadded
+                i, ids, gk = queue.popleft()
+                row_logits, row_cache = self._forward(torch.tensor([ids], device=dev))
+                if any(type(layer) is not DynamicLayer for layer in row_cache.layers):
+                    capacity = 1  # caches that cannot be padded and joined: one row at a time
+                gen = torch.Generator()
+                gen.manual_seed(gk.seed if gk.seed is not None else 1234 + i)
+                rows.append([i, [], gen])
+                n = len(ids)
+                if cache is None:
+                    cache, logits = row_cache, row_logits
+                    mask = torch.ones((1, n), dtype=torch.long, device=dev)
+                    next_pos = torch.full((1, 1), n, dtype=torch.long, device=dev)
+                    continue
+                width = max(mask.shape[1], n)
+                for layer, new in zip(cache.layers, row_cache.layers, strict=True):
+                    layer.keys = torch.cat(
+                        [_left_pad(layer.keys, width), _left_pad(new.keys, width)]
+                    )
+                    layer.values = torch.cat(
+                        [_left_pad(layer.values, width), _left_pad(new.values, width)]
+                    )
+                ones = torch.ones((1, n), dtype=torch.long, device=dev)
+                mask = torch.cat([_left_pad(mask, width, dim=1), _left_pad(ones, width, dim=1)])
+                next_pos = torch.cat([next_pos, torch.full((1, 1), n, device=dev)])
+                logits = torch.cat([logits, row_logits])
+            tok = self._pick(logits, g, [r[2] for r in rows])  # (A,)
+            keep = []
+            for a, (row, t) in enumerate(zip(rows, tok.tolist(), strict=True)):
+                if t not in eos_ids:
+                    row[1].append(t)
+                    tail = self.tokenizer.decode(row[1][-window:], skip_special_tokens=True)
+                    if len(row[1]) < g.max_gen_toks and not any(s and s in tail for s in until):
+                        keep.append(a)
+                        continue
+                self.stats["generated_tokens"] = self.stats.get("generated_tokens", 0) + len(row[1])
+                text = self.tokenizer.decode(row[1], skip_special_tokens=True)
+                finish(row[0], cut_at_stop(text, until))
+            if not keep:
+                rows, cache = [], None
+                continue
+            if len(keep) < len(rows):  # finished rows leave the batch and the cache
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
+                rows = [rows[a] for a in keep]
+                first = int(mask.any(0).long().argmax())  # columns that are padding everywhere
+                if first:
+                    mask = mask[:, first:]
+                    for layer in cache.layers:
+                        layer.keys = layer.keys[..., first:, :]
+                        layer.values = layer.values[..., first:, :]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            logits, cache = self._forward(
+                tok[:, None], attention_mask=mask, position_ids=next_pos, **{self._cache_arg: cache}
+            )
+            next_pos = next_pos + 1
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """Zero-pads `t` on the left of `dim` to `width` entries."""
+    dim = dim % t.dim()
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

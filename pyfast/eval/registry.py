@@ -1,14 +1,17 @@
-"""Task registry: names -> :class:`Task`, groups (mmlu and its categories), close-match errors."""
+"""Task registry: names -> task objects of their kind (see pyfast/eval/task.py: task kinds),
+groups (mmlu and its categories), close-match errors."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from functools import cache
 from pathlib import Path
 
 import yaml
 
-from pyfast.eval.task import Task
+from pyfast.eval import task as task_module
+from pyfast.eval.task import KINDS, Task
 
 _TASK_DIR = Path(__file__).parent / "tasks"
 
@@ -37,13 +40,21 @@ MMLU_CATEGORIES = tuple(_MMLU_CATEGORY)
 @cache
 def _registry() -> tuple[dict[str, Task], dict[str, list[str]]]:
     """(tasks by name, groups: name -> member names, tasks or groups)."""
-    tasks: dict[str, Task] = {}
+    for module in task_module.KIND_MODULES:
+        importlib.import_module(module)  # each registers its kinds
+    tasks: dict = {}
     for path in sorted(_TASK_DIR.glob("*.yaml")):
         for name, spec in yaml.safe_load(path.read_text(encoding="utf-8")).items():
             if name == "mmlu":
                 template = spec
                 continue
-            tasks[name] = Task(name=name, **spec)
+            kind = spec.pop("kind", "multiple_choice")
+            if kind not in KINDS:
+                raise ValueError(f"{path}: task {name}: unknown kind {kind!r} ({sorted(KINDS)})")
+            try:
+                tasks[name] = KINDS[kind](name=name, **spec)
+            except TypeError as exc:
+                raise ValueError(f"{path}: task {name}: {exc}") from None
     groups: dict[str, list[str]] = {f"mmlu_{c}": [] for c in MMLU_CATEGORIES}
     for subject, cat in sorted(MMLU_SUBJECTS.items()):
         name = f"mmlu_{subject}"
@@ -66,8 +77,9 @@ def suggest(name: str) -> str:
     return f"; did you mean {', '.join(close)}?" if close else "; see `pyfast ls tasks`"
 
 
-def get_task(name: str) -> Task:
-    """The task called `name`; raises KeyError-free ValueError with close matches if unknown."""
+def get_task(name: str):
+    """The task (a :class:`~pyfast.eval.task.TaskKind`) called `name`; raises ValueError with
+    close matches if unknown."""
     tasks, _ = _registry()
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}{suggest(name)}")

@@ -52,7 +52,8 @@ def bar_chart(out: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(labels) + 1.5), 4.0))
     ax.bar(range(len(values)), values, yerr=errs, capsize=3, color="#4C72B0")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
+    if all(0.0 <= v <= 1.0 for v in values):  # BLEU/ROUGE (0-100) and *_diff keep their range
+        ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.set_title(f"pyfast eval: {out['model'].get('spec', '?')}", fontsize=9)
     fig.tight_layout()
@@ -82,6 +83,13 @@ def write_run(out: dict, folder: str | Path) -> list[Path]:
     summary = {k: v for k, v in out.items() if k != "samples"}
     written.append(write_text(folder / "results.md", markdown_table(out) + "\n"))
     written.append(bar_chart(out, folder / "results.png"))
+    if "mt_bench" in out["results"]:  # categories of the judged answers on a radar chart
+        from pyfast.eval.mt_bench import CATEGORIES, radar_chart
+
+        scores = {c: out["results"]["mt_bench"].get(c) for c in CATEGORIES}
+        if any(v is not None for v in scores.values()):
+            title = f"MT-Bench: {out['model'].get('spec', '?')}"
+            written.append(radar_chart(scores, folder / "mt_bench_radar.png", title))
     # results.json last: its presence marks a complete run folder.
     written.append(write_json(folder / "results.json", summary))
     return written

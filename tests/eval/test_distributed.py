@@ -13,7 +13,18 @@ from pyfast.cli import main
 
 from .conftest import DATA
 
-ARGS = ["--tasks", "arc_easy,truthfulqa_mc2", "--data-dir", str(DATA), "--split", "validation"]
+ARGS = [
+    "--tasks",
+    "arc_easy,truthfulqa_mc2,gsm8k",
+    "--data-dir",
+    str(DATA),
+    "--split",
+    "validation,gsm8k=train",
+    "--limit",
+    "6",
+    "--gen-kwargs",
+    "max_gen_toks=8",
+]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
@@ -38,3 +49,7 @@ def test_torchrun_two_ranks_match_single_process(tiny_model_dir, tmp_path):
         assert [s["prediction"] for s in sa] == [s["prediction"] for s in sb]
         for x, y in zip(sa, sb, strict=True):
             assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], rel=1e-5)
+    sa, sb = ([json.loads(x) for x in (d / "samples_gsm8k.jsonl").read_text().splitlines()]
+              for d in (single, multi))  # fmt: skip
+    assert [s["generation"] for s in sa] == [s["generation"] for s in sb]
+    assert len(list(multi.glob("generations_gsm8k.rank*.jsonl"))) == 2  # one cache per rank

@@ -23,7 +23,9 @@ SPLITS = {"hellaswag": "train"}
 
 
 def _references():
-    return {p.stem: json.loads(p.read_text()) for p in sorted(REFERENCE.glob("*.json"))}
+    """The log-likelihood references (gsm8k.json and generation.json are read by their tests)."""
+    refs = {p.stem: json.loads(p.read_text()) for p in sorted(REFERENCE.glob("*.json"))}
+    return {name: ref for name, ref in refs.items() if "requests" in ref}
 
 
 def test_prompts_equal_lm_eval():
@@ -68,3 +70,26 @@ def test_metrics_equal_lm_eval():
             key = metric.replace("acc", "mc2") if name == "truthfulqa_mc2" else metric
             # lm-eval names TruthfulQA's MC2 score "acc"
             assert res[key] == pytest.approx(value, rel=1e-12), (name, metric)
+
+
+def test_gsm8k_generations_equal_lm_eval():
+    """5-shot greedy GSM8K with the default model: same prompts, generations, extracted answers
+    and exact_match as lm-eval 0.4.13's HF backend (tests/data/lm_eval_reference/gsm8k.json).
+
+    The prompts of all stored documents are compared; the model generates (in one batch) only
+    the DOCS_RUN documents with the shortest reference answers, to keep the test fast on a CPU.
+    """
+    ref = json.loads((REFERENCE / "gsm8k.json").read_text())
+    task = get_task("gsm8k")
+    pool = task.docs(DataStore(DATA), "train")
+    docs = pool[: len(ref["docs"])]
+    ctxs = task.contexts(docs, pool, ref["num_fewshot"], 1234, same_split=True)
+    assert ctxs == [d["context"] for d in ref["docs"]]
+    run = sorted(ref["docs"], key=lambda d: len(d["generation"]))[: DOCS_RUN + 1]
+    lm = HFLM("default", batch_size=len(run))
+    got = lm.generate_until([(d["context"], task.generation_kwargs) for d in run])
+    for want, text in zip(run, got, strict=True):
+        assert text == want["generation"]
+        assert task.extract(text) == want["extracted"]
+        scores = task.score(docs[want["doc_id"]], [text])
+        assert {f: scores[f"exact_match,{f}"] for f in want["exact_match"]} == want["exact_match"]

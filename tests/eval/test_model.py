@@ -86,8 +86,10 @@ def test_errors(tiny_model, tiny_tokenizer, lm):
         HFLM(tiny_model)
     with pytest.raises(ValueError, match="batch size"):
         HFLM(tiny_model, tiny_tokenizer, batch_size=0)
-    with pytest.raises(NotImplementedError, match="generate_until"):
-        lm.generate_until([("Q:", {"until": ["\n"]})])
+    with pytest.raises(ValueError, match="unknown generation kwarg.*'max_tokenz'"):
+        lm.generate_until([("Q:", {"until": ["\n"], "max_tokenz": 3})])
+    with pytest.raises(ValueError, match="max_gen_toks 600 must be smaller"):
+        lm.generate_until([("Q:", {"max_gen_toks": 600})])
 
 
 def test_target_logprobs_matches_log_softmax():

@@ -1,7 +1,9 @@
-"""Document processors: raw dataset row -> row with ``choices`` (list[str]) and ``gold``.
+"""Document processors: raw dataset row -> row the task's templates read.
 
 One function per task family, named by the ``process:`` key of the task YAML. Each reproduces the
 lm-evaluation-harness 0.4.x template of that task (doc_to_choice, doc_to_target, process_docs).
+Multiple-choice processors add ``choices`` (list[str]) and ``gold``; generation processors add
+the fields their ``text``/``target`` templates use.
 """
 
 from __future__ import annotations
@@ -64,4 +66,42 @@ def truthfulqa_mc2(doc: dict) -> dict:
     }
 
 
-PROCESSORS = {f.__name__: f for f in (arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2)}
+def gsm8k_final(doc: dict) -> dict:
+    """gsm8k_cot: the target is the final number, ``answer.split('####')[-1].strip()``."""
+    return {**doc, "target": doc["answer"].split("####")[-1].strip()}
+
+
+def _tqa_answers(answers: list) -> list[str]:
+    """Stripped, non-empty answers, each ending with a period (lm-eval's _format_answers)."""
+    out = []
+    for a in answers:
+        a = str(a).strip()
+        if a:
+            out.append(a if a.endswith(".") else a + ".")
+    return out
+
+
+def truthfulqa_gen(doc: dict) -> dict:
+    """The question stripped; true answers (+ "I have no comment.") and false answers."""
+    if not isinstance(doc["correct_answers"], list) or not isinstance(
+        doc["incorrect_answers"], list
+    ):
+        raise ValueError("correct_answers and incorrect_answers must be lists")
+    correct = _tqa_answers(doc["correct_answers"])
+    if "I have no comment." not in correct:
+        correct.append("I have no comment.")
+    incorrect = _tqa_answers(doc["incorrect_answers"])
+    if not incorrect:
+        raise ValueError("incorrect_answers has no non-empty answer")
+    return {
+        **doc,
+        "question": doc["question"].strip(),
+        "correct_answers": correct,
+        "incorrect_answers": incorrect,
+    }
+
+
+PROCESSORS = {
+    f.__name__: f
+    for f in (arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k_final, truthfulqa_gen)
+}
