@@ -12,6 +12,8 @@ Usage: ``python -m pyfast.train.demo [--config configs/arc_transfer.yaml] [--out
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import shutil
 import sys
@@ -38,6 +40,30 @@ def _evaluate(model_spec: str, data_dir: str, limit: int | None, batch_size: int
     return evaluate(
         model_spec, TASKS, data_dir=data_dir, split="validation", limit=limit, batch_size=batch_size
     )
+
+
+def _before_key(model: str, data_dir: str, limit: int | None) -> dict:
+    """What the 'before' scores depend on: model, items (by sha256), limit."""
+    files = {}
+    for task in TASKS.split(","):
+        path = Path(data_dir) / task / "validation.jsonl"
+        files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"model": model, "tasks": TASKS, "files": files, "limit": limit}
+
+
+def evaluate_before(model: str, data_dir: str, limit, batch_size: int, out: Path) -> dict:
+    """The base model's scores, reused from ``out/before.json`` when model and items match
+    (the base model does not change between demo runs; only the fine-tuning does)."""
+    key = _before_key(model, data_dir, limit)
+    cache = out / "before.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            print(f"      (reusing {cache}: same model and items)")
+            return saved["result"]
+    result = _evaluate(model, data_dir, limit, batch_size)
+    write_json(cache, {"key": key, "result": result})
+    return result
 
 
 def report_markdown(
@@ -116,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     t = time.perf_counter()
     print(f"[1/3] evaluating {cfg.model.name} on {TASKS} (validation items in {args.data_dir})")
-    before = _evaluate(cfg.model.name, args.data_dir, args.limit, args.batch_size)
+    before = evaluate_before(cfg.model.name, args.data_dir, args.limit, args.batch_size, out)
     timings["evaluate before"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[2/3] fine-tuning with {args.config}")

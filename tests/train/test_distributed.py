@@ -20,8 +20,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     Recipe(load_config(None, overrides)).run()
 
 
@@ -36,9 +41,12 @@ def test_two_ranks_match_one_process(base_overrides, tmp_path):
     single.run()
     port = _free_port()
     # fork: the children reuse the imported modules (one thread each, see base_overrides)
-    mp.start_processes(_worker, args=(2, port, [*common, "batch_size=2",
-                                                 f"output_dir={tmp_path / 'two'}"]),
-                       nprocs=2, start_method="fork")  # fmt: skip
+    mp.start_processes(
+        _worker,
+        args=(2, port, [*common, "batch_size=2", f"output_dir={tmp_path / 'two'}"]),
+        nprocs=2,
+        start_method="fork",
+    )
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert [h["step"] for h in one] == [h["step"] for h in two]
     loss1 = torch.tensor([h["loss"] for h in one if "loss" in h])
