@@ -122,3 +122,19 @@ def test_new_scalar_head(model):
     assert _trainable(plan) == {"score_head.weight", "score_head.bias"}
     assert model.score_head.out_features == 1
     assert plan.trainable == model.config.hidden_size + 1
+
+
+def test_scalar_head_round_trips_through_a_checkpoint(model, tiny_train_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pyfast.train import checkpoint as ckpt
+
+    apply_freeze(model, FreezeConfig(new_head="scalar"))
+    with torch.no_grad():
+        model.score_head.bias.fill_(0.25)
+    ckpt.save_model(model, None, tmp_path / "m")
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_train_dir)
+    apply_freeze(fresh, FreezeConfig(new_head="scalar"))
+    ckpt.load_weights_into(fresh, tmp_path / "m")
+    torch.testing.assert_close(fresh.score_head.weight, model.score_head.weight)
+    assert float(fresh.score_head.bias) == 0.25

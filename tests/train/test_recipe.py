@@ -180,3 +180,50 @@ def test_cli_train_and_eval_of_the_result(base_overrides, tmp_path, capsys):
     assert "unknown config key optim.lrr; did you mean optim.lr?" in capsys.readouterr().err
     assert main(["train", *base_overrides, "optim.lr=1e9", "max_steps=6"]) == 2
     assert "non-finite training loss" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_benchmark_tasks_during_training(base_overrides):
+    over = [
+        *base_overrides,
+        "precision=bf16",
+        "max_steps=2",
+        "eval.every=2",
+        "eval.tasks=arc_easy",
+        f"eval.tasks_data_dir={ARC_TRAIN.parents[1]}",
+        "eval.tasks_split=validation",
+        "eval.tasks_limit=2",
+        "save_final=false",
+    ]
+    recipe = Recipe(load_config(None, over))
+    recipe.run()
+    last = recipe.history[-1]
+    assert math.isfinite(last["loss"]) and last["step"] == 2
+    assert 0.0 <= last["arc_easy/acc"] <= 1.0 and "arc_easy/acc_norm" in last
+    fp32 = Recipe(load_config(None, [*base_overrides, "max_steps=1", "eval.every=0"]))
+    fp32.setup()
+    batch = fp32.collate(fp32.train_examples[:4])
+    ref, _ = fp32.compute_loss(fp32.model, batch)
+    fp32.cfg.precision = "bf16"
+    low, _ = fp32.compute_loss(fp32.model, batch)
+    assert low.dtype == torch.float32 and abs(float(low) - float(ref)) < 0.05 * float(ref)
+
+
+def test_hf_dataset_rows(monkeypatch, tiny_tokenizer):
+    import datasets
+
+    from pyfast.train.config import DataConfig
+    from pyfast.train.data import load_examples
+
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": "c"}]
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows[:1]) if config == "ok" else rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train, _, stats = load_examples(DataConfig(path=["hf:org/set"], hf_config="ok"), tiny_tokenizer)
+    assert calls == [("org/set", "ok", "train")] and len(train) == 1
+    assert stats["train"]["format"] == "prompt_completion"
+    with pytest.raises(ValueError, match=r"hf:org/set\[train\]:row 2: missing field 'completion'"):
+        load_examples(DataConfig(path=["org/set"], hf_config="bad"), tiny_tokenizer)
