@@ -40,12 +40,12 @@ def test_two_ranks_match_one_process(base_overrides, tmp_path):
     single = Recipe(load_config(None, [*common, "batch_size=4", f"output_dir={tmp_path / 'one'}"]))
     single.run()
     port = _free_port()
-    # fork: the children reuse the imported modules (one thread each, see base_overrides)
+    # spawn, not fork: forking a process whose autograd engine has run is unsafe
     mp.start_processes(
         _worker,
         args=(2, port, [*common, "batch_size=2", f"output_dir={tmp_path / 'two'}"]),
         nprocs=2,
-        start_method="fork",
+        start_method="spawn",
     )
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert [h["step"] for h in one] == [h["step"] for h in two]
