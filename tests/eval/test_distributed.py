@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,6 +28,12 @@ ARGS = [
 ]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
 def test_torchrun_two_ranks_match_single_process(tiny_model_dir, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
@@ -34,7 +41,8 @@ def test_torchrun_two_ranks_match_single_process(tiny_model_dir, tmp_path):
     assert main([*common, "--output", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd = [*run, "--master_port", "29517", "-m", "pyfast.cli", *common, "--output", str(multi)]
+    cmd = [*run, "--master_port", str(_free_port()), "-m", "pyfast.cli", *common]
+    cmd += ["--output", str(multi)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = json.loads((single / "results.json").read_text())
