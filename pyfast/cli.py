@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -132,6 +133,48 @@ def _ls(sub):
     p.set_defaults(func=run)
 
 
+def _train(sub):
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model: full fine-tuning or transfer learning, from a YAML config",
+        description="Fine-tune from a YAML config (see configs/); key=value overrides, e.g. "
+        "optim.lr=1e-4 freeze.top_blocks=2. Runs data-parallel under torchrun.",
+    )
+    p.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. max_steps=100)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint folder (default: the newest under output_dir)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+
+    def run(args):
+        import yaml
+
+        from pyfast.train import Recipe, TrainingStopped, load_config
+        from pyfast.train.config import to_dict
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return
+        try:
+            summary = Recipe(cfg, resume=args.resume).run()
+        except TrainingStopped as exc:
+            raise ValueError(str(exc)) from None
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"done: {summary['steps']} steps, final train loss {summary['final_loss']:.4f}, "
+                f"{summary['tokens_per_s']:.0f} tokens/s; {summary['stop_reason']}; "
+                f"model in {cfg.output_dir}/final"
+            )
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyfast", description="Fine-tune, align and evaluate bespoke LLMs on fused kernels."
@@ -140,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench(sub)
     _eval(sub)
     _ls(sub)
+    _train(sub)
     return parser
 
 

@@ -1,0 +1,532 @@
+"""The fine-tuning recipe: ``Recipe(cfg).run()`` = setup(), train(), cleanup().
+
+Subclass hooks (the alignment recipes build on these):
+
+* :meth:`Recipe.load_model` -> (model, tokenizer); :meth:`Recipe.load_data` -> (train, held-out)
+  lists of examples; :meth:`Recipe.collate` -> a batch dict of tensors.
+* :meth:`Recipe.compute_loss` ``(model, batch) -> (mean loss, stats dict)``: the loss of one
+  micro-batch, averaged over its :meth:`Recipe.batch_weight` units (target tokens for SFT,
+  pairs for DPO). The loop weights each micro-batch by its units over the whole global batch
+  (all accumulation steps and ranks), so the update equals the unit-mean loss of the global batch
+  however it is split.
+
+The loop: FusedAdamW with fused clipping and the freezing masks, warmup + cosine/linear schedule,
+gradient accumulation, optional bf16 autocast, held-out loss/perplexity (and benchmark tasks) every
+``eval.every`` steps, early stopping keeping the best model, a stop with a clear message on a
+NaN/inf loss, checkpoints that ``--resume`` continues exactly, metrics.jsonl and a loss plot.
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel with DDP (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pyfast.io import atomic_write, write_json
+from pyfast.ops import grad_mask_, linear_cross_entropy
+from pyfast.optim import FusedAdamW
+from pyfast.train import checkpoint as ckpt
+from pyfast.train.config import TrainConfig, to_dict
+from pyfast.train.data import IGNORE_INDEX, collate, epoch_order, load_examples, pad_id_of
+from pyfast.train.freeze import FreezePlan, apply_freeze
+from pyfast.train.schedule import build_scheduler
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training must stop (non-finite loss); the best checkpoint is kept."""
+
+
+class _LossModule(nn.Module):
+    """Wraps the model so that DDP's forward computes the recipe's loss (gradient sync hooks)."""
+
+    def __init__(self, recipe: Recipe, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._recipe = [recipe]  # a list: not registered as a submodule
+
+    def forward(self, batch: dict):
+        return self._recipe[0].compute_loss(self.model, batch)
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, t + 1] at position t (-100 at the end): the targets of next-token prediction."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def causal_lm_hidden(model: nn.Module, input_ids, attention_mask=None) -> torch.Tensor:
+    """The decoder body's last hidden states (B, T, D): no logits are formed."""
+    body = model.get_decoder()
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+class Recipe:
+    """Supervised fine-tuning / transfer learning of a causal LM (see the module docstring).
+
+    Args:
+        cfg: the resolved :class:`TrainConfig`.
+        resume: a checkpoint folder, or "latest" for the newest under ``output_dir``.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.out = Path(cfg.output_dir)
+        self.rank, self.world = 0, 1
+        self.device = torch.device(cfg.device)
+        self.history: list[dict] = []
+        self.step = 0
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+        self.stop_reason = ""
+        self._since_best = 0
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def load_model(self, spec: str):
+        """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`."""
+        from pyfast.models import load_model
+
+        model, tok, self.model_identity = load_model(spec, device=self.cfg.device,
+                                                     dtype=self.cfg.model.dtype)  # fmt: skip
+        return model, tok
+
+    def load_data(self):
+        """(train examples, held-out examples); also sets ``self.data_stats``."""
+        train, held, self.data_stats = load_examples(
+            self.cfg.data, self.tokenizer, self.cfg.model.chat_template, self.cfg.seed
+        )
+        return train, held
+
+    def collate(self, examples: list) -> dict:
+        return collate(examples, pad_id_of(self.tokenizer))
+
+    def batch_weight(self, batch: dict) -> int:
+        """Loss units of a micro-batch: its next-token targets (labels != -100 after the shift)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Mean next-token NLL over the batch's target tokens, through the fused head.
+
+        The decoder body gives hidden states; :func:`pyfast.ops.linear_cross_entropy` takes them
+        with the lm_head weight, so the (B, T, V) logits never exist.
+        """
+        with self.autocast():
+            hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])
+        head = model.get_output_embeddings()
+        if hidden.dtype != head.weight.dtype:
+            hidden = hidden.to(head.weight.dtype)
+        loss = linear_cross_entropy(
+            hidden, head.weight, shifted_labels(batch["labels"]), getattr(head, "bias", None)
+        )
+        return loss, {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _init_distributed(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+
+    def setup(self) -> None:
+        """Loads model, data, freezing policy, optimizer and schedule; restores a checkpoint."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._init_distributed()
+        torch.manual_seed(cfg.seed)
+        resume_from = None
+        if self.resume:
+            resume_from = (
+                ckpt.latest_checkpoint(self.out) if str(self.resume) == "latest"
+                else Path(self.resume)
+            )  # fmt: skip
+            if resume_from is None:
+                raise ValueError(f"--resume: no checkpoint found under {self.out / 'checkpoints'}")
+            meta, blob = ckpt.read_state(resume_from)
+        model, self.tokenizer = self.load_model(cfg.model.name)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.plan: FreezePlan = apply_freeze(model, cfg.freeze)
+        self.model = self.plan.model.to(self.device)
+        if resume_from is not None:
+            ckpt.load_weights_into(self.model, resume_from)
+        self.log(self.plan.summary())
+        self.train_examples, self.eval_examples = self.load_data()
+        self._log_data()
+
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+        self.steps_per_epoch = len(self.train_examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.train_examples)} examples, fewer than one global "
+                f"batch ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} ranks)"
+            )
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.optimizer = self.build_optimizer()
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.loss_module = _LossModule(self, self.model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_module = DDP(self.loss_module, device_ids=ids)
+        if resume_from is not None:
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            ckpt.set_rng_state(blob["rng"])
+            self.step = meta["step"]
+            self.best_loss, self.best_step = meta.get("best_loss"), meta.get("best_step")
+            self._since_best = meta.get("since_best", 0)
+            self.history = [h for h in self._read_metrics() if h.get("step", 0) <= self.step]
+            self.log(f"resumed from {resume_from} at step {self.step}")
+        elif self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.rank == 0:
+            self._rewrite_metrics()
+
+    def _log_data(self) -> None:
+        s = self.data_stats["train"]
+        self.log(
+            f"data: {s['examples']} training examples ({s['format']}, {s['target_tokens']:,} "
+            f"target tokens), {len(self.eval_examples)} held-out; {s['truncated']} truncated to "
+            f"max_length={self.cfg.data.max_length}"
+            + (f", {s['empty_targets']} dropped (nothing to learn)" if s["empty_targets"] else "")
+        )
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for _, p in self.plan.params]
+        if o.name == "fused_adamw":
+            return FusedAdamW(
+                params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                max_grad_norm=o.max_grad_norm, masks=self.plan.masks,
+                state_dtype=torch.bfloat16 if o.state_dtype == "bfloat16" else torch.float32,
+            )  # fmt: skip
+        # torch.optim.AdamW: masked params get no weight decay; grad_mask_ zeroes their frozen
+        # rows' gradients, so those rows' moments and updates stay exactly zero.
+        masked = [p for p in params if p in self.plan.masks]
+        rest = [p for p in params if p not in self.plan.masks]
+        groups = [{"params": rest}] + ([{"params": masked, "weight_decay": 0.0}] if masked else [])
+        return torch.optim.AdamW(
+            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[list]:
+        """This rank's micro-batches (lists of examples) of global step `step`."""
+        cfg = self.cfg
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_examples), epoch, cfg.seed, cfg.data.shuffle)
+        chunk = order[pos * self.global_batch : (pos + 1) * self.global_batch]
+        per_rank = cfg.batch_size * cfg.grad_accum
+        mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [
+            [self.train_examples[i] for i in mine[a * cfg.batch_size : (a + 1) * cfg.batch_size]]
+            for a in range(cfg.grad_accum)
+        ]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics."""
+        self.loss_module.train()
+        batches = [self._to_device(self.collate(m)) for m in self.micro_batches(self.step)]
+        weights = [self.batch_weight(b) for b in batches]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        total_w, total_tokens = self._all_sum([float(sum(weights)), float(tokens)])
+        loss_sum = 0.0
+        for i, (batch, w) in enumerate(zip(batches, weights, strict=True)):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext()
+            if self.world > 1 and not last:
+                sync = self.loss_module.no_sync()
+            with sync:
+                loss, _ = self.loss_module(batch)
+                # DDP averages gradients over ranks: * world makes it a sum over the global batch
+                (loss * (w * self.world / max(total_w, 1.0))).backward()
+            loss_sum += float(loss.detach()) * w
+        (loss_sum,) = self._all_sum([loss_sum])
+        step_loss = loss_sum / max(total_w, 1.0)
+        if not math.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(
+                f"non-finite training loss ({step_loss}) at step {self.step + 1}: stopped before "
+                "the update; lower optim.lr, check the data, or use precision=float32"
+                + (f" (best checkpoint of step {self.best_step} kept in {self.out / 'best'})"
+                   if self.best_step is not None else "")  # fmt: skip
+            )
+        grad_norm = self._optimizer_step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": step_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": int(total_tokens),
+        }
+
+    def _optimizer_step(self) -> float:
+        opt = self.optimizer
+        params = [p for _, p in self.plan.params]
+        if isinstance(opt, FusedAdamW):
+            opt.step()  # clipping and masks inside the fused update
+            norm = float(opt.last_grad_norm) if opt.last_grad_norm is not None else 0.0
+        else:
+            with_grad = [p for p in params if p.grad is not None]
+            masked = [p for p in with_grad if p in self.plan.masks]
+            if masked:
+                grad_mask_([p.grad for p in masked], [self.plan.masks[p] for p in masked])
+            max_norm = self.cfg.optim.max_grad_norm or float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate_heldout(self) -> dict:
+        """Held-out loss (unit-weighted mean) and perplexity; benchmark scores if configured."""
+        result: dict = {}
+        if self.eval_examples:
+            self.model.eval()
+            bs = self.cfg.eval.batch_size
+            mine = self.eval_examples[self.rank :: self.world]
+            loss_sum, weight = 0.0, 0.0
+            for i in range(0, len(mine), bs):
+                batch = self._to_device(self.collate(mine[i : i + bs]))
+                w = self.batch_weight(batch)
+                if w == 0:
+                    continue
+                loss, _ = self.compute_loss(self.model, batch)
+                loss_sum += float(loss) * w
+                weight += w
+            loss_sum, weight = self._all_sum([loss_sum, weight])
+            eval_loss = loss_sum / max(weight, 1.0)
+            result["eval_loss"] = eval_loss
+            result["eval_ppl"] = math.exp(min(eval_loss, 50.0))
+            self.model.train()
+        if self.cfg.eval.tasks:
+            result.update(self.evaluate_tasks())
+        return result
+
+    def evaluate_tasks(self) -> dict:
+        """Benchmark scores of the current model through :func:`pyfast.eval.evaluate`."""
+        from pyfast.eval import evaluate
+
+        e = self.cfg.eval
+        self.model.eval()
+        out = evaluate(self.model, e.tasks, tokenizer=self.tokenizer, data_dir=e.tasks_data_dir,
+                       split=e.tasks_split, limit=e.tasks_limit, batch_size=e.batch_size)  # fmt: skip
+        self.model.train()
+        scores = {}
+        for task, metrics in out["results"].items():
+            for name, value in metrics.items():
+                if name in ("acc", "acc_norm", "mc2"):
+                    scores[f"{task}/{name}"] = value
+        return scores
+
+    def _improved(self, loss: float) -> bool:
+        return self.best_loss is None or loss < self.best_loss - self.cfg.eval.early_stopping_min_delta
+
+    def after_eval(self, metrics: dict) -> bool:
+        """Tracks the best held-out loss (saving the best model); returns True to stop early."""
+        loss = metrics.get("eval_loss")
+        if loss is None:
+            return False
+        if not math.isfinite(loss):
+            raise TrainingStopped(f"non-finite held-out loss ({loss}) at step {self.step}")
+        if self._improved(loss):
+            self.best_loss, self.best_step, self._since_best = loss, self.step, 0
+            if self.rank == 0:
+                ckpt.atomic_dir(self.out / "best", lambda tmp: self._save_best(tmp, metrics))
+            self._barrier()
+            return False
+        self._since_best += 1
+        patience = self.cfg.eval.early_stopping_patience
+        if patience and self._since_best >= patience:
+            self.stop_reason = (
+                f"early stopping: held-out loss has not improved for {self._since_best} "
+                f"evaluations (best {self.best_loss:.4f} at step {self.best_step})"
+            )
+            return True
+        return False
+
+    def _save_best(self, tmp: Path, metrics: dict) -> None:
+        ckpt.save_model(self.model, self.tokenizer, tmp, self.cfg.freeze.lora.merge)
+        write_json(tmp / "best_metrics.json", {"step": self.step, **metrics})
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / "checkpoints" / f"step-{self.step:06d}"
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
+                "batch_in_epoch": self.step % self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "best_loss": self.best_loss,
+                "best_step": self.best_step,
+                "since_best": self._since_best,
+                "world_size": self.world,
+            }
+            ckpt.save_checkpoint(path, self.model, self.tokenizer, self.optimizer,
+                                 self.scheduler, state, to_dict(self.cfg))  # fmt: skip
+            ckpt.prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+        self._barrier()
+        return path
+
+    # -- metrics -------------------------------------------------------------------------------
+    def _read_metrics(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+    def _rewrite_metrics(self) -> None:
+        text = "".join(json.dumps(h) + "\n" for h in self.history)
+        atomic_write(self.out / "metrics.jsonl",
+                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # fmt: skip
+
+    def record(self, entry: dict) -> None:
+        self.history.append(entry)
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def plot(self) -> Path | None:
+        """Writes loss_curve.png (train loss per step, held-out loss per evaluation)."""
+        if self.rank != 0:
+            return None
+        from pyfast.train.plot import plot_losses
+
+        return plot_losses(self.history, self.out / "loss_curve.png")
+
+    # -- run -----------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Runs the loop to max_steps / epochs (or an early stop); returns the summary."""
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True)  # fmt: skip
+        t0, tokens_done = time.perf_counter(), 0
+        if self.step == 0 and self.eval_examples and cfg.eval.every:
+            entry = {"step": 0, **self.evaluate_heldout()}
+            self.record(entry)
+            self.after_eval(entry)
+        try:
+            while self.step < self.total_steps:
+                m = self.train_step()
+                tokens_done += m["tokens"]
+                elapsed = time.perf_counter() - t0
+                m["tokens_per_s"] = tokens_done / max(elapsed, 1e-9)
+                stop = False
+                last = self.step == self.total_steps
+                if self.eval_examples or cfg.eval.tasks:
+                    if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+                        m.update(self.evaluate_heldout())
+                        stop = self.after_eval(m)
+                if self.step % cfg.log_every == 0 or "eval_loss" in m or last or stop:
+                    self.record(m)
+                if bar is not None:
+                    post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+                    if "eval_loss" in m:
+                        post["eval"] = f"{m['eval_loss']:.4f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                    self.save_checkpoint()
+                if stop:
+                    break
+        except TrainingStopped as exc:
+            self.stop_reason = str(exc)
+            if bar is not None:
+                bar.close()
+            self.log(f"STOPPED: {exc}")
+            self.plot()
+            raise
+        if bar is not None:
+            bar.close()
+        if self.stop_reason:
+            self.log(self.stop_reason)
+        return self.finish(time.perf_counter() - t0, tokens_done)
+
+    def finish(self, seconds: float, tokens: int) -> dict:
+        """Final checkpoint + model folder, loss plot and summary.json."""
+        if self.cfg.save_final:
+            self.save_checkpoint()
+            if self.rank == 0:
+                ckpt.atomic_dir(
+                    self.out / "final",
+                    lambda tmp: ckpt.save_model(self.model, self.tokenizer, tmp,
+                                                self.cfg.freeze.lora.merge),  # fmt: skip
+                )
+        self._barrier()
+        train_losses = [h["loss"] for h in self.history if "loss" in h]
+        summary = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "final_loss": train_losses[-1] if train_losses else None,
+            "best_eval_loss": self.best_loss,
+            "best_step": self.best_step,
+            "stop_reason": self.stop_reason or "completed",
+            "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "trainable_parameters": self.plan.trainable,
+            "total_parameters": self.plan.total,
+            "data": self.data_stats,
+            "world_size": self.world,
+            "output_dir": str(self.out),
+        }
+        if self.rank == 0:
+            write_json(self.out / "summary.json", summary)
+            self.plot()
+        return summary
+
+    def cleanup(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def run(self) -> dict:
+        """setup(), train(), cleanup() — the whole job."""
+        self.setup()
+        try:
+            return self.train()
+        finally:
+            self.cleanup()

@@ -1,0 +1,59 @@
+"""Fixtures for tests/train: a tiny random Llama folder and small JSONL training files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.eval.conftest import DATA, tiny_tokenizer  # noqa: F401 - re-exported fixture
+
+ARC_TRAIN = DATA / "arc_easy" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_train_dir(tiny_tokenizer, tmp_path_factory):  # noqa: F811
+    """A random 2-layer LlamaForCausalLM (hidden 32, tied head) saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny_train_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def base_overrides(tiny_train_dir, tmp_path):
+    """Overrides for a fast run of the tiny model on the ARC test slice."""
+    return [
+        f"model.name={tiny_train_dir}",
+        f"data.path={ARC_TRAIN}",
+        "data.format=arc",
+        "data.max_length=64",
+        "data.eval_fraction=0.2",
+        "batch_size=4",
+        "max_steps=6",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "progress=false",
+        "eval.every=3",
+        f"output_dir={tmp_path / 'run'}",
+    ]
