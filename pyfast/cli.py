@@ -175,6 +175,61 @@ def _train(sub):
     p.set_defaults(func=run)
 
 
+def _align(sub):
+    p = sub.add_parser(
+        "align",
+        help="align a model on preference pairs: DPO (sigmoid/ipo/hinge), SimPO, ORPO, reward",
+        description="Preference alignment from a YAML config (see configs/*align*.yaml); "
+        "key=value overrides, e.g. align.method=simpo align.beta=2. Same loop, checkpoints and "
+        "--resume as pyfast train.",
+    )
+    p.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. align.beta=0.2)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint folder (default: the newest under output_dir)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+
+    def run(args):
+        import yaml
+
+        from pyfast.align.config import load_config
+        from pyfast.align.recipe import AlignRecipe
+        from pyfast.train import TrainingStopped
+        from pyfast.train.config import to_dict
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return
+        try:
+            summary = AlignRecipe(cfg, resume=args.resume).run()
+        except TrainingStopped as exc:
+            raise ValueError(str(exc)) from None
+        if os.environ.get("RANK", "0") != "0":
+            return
+        print(
+            f"done: {summary['steps']} steps ({cfg.align.method}), final train loss "
+            f"{summary['final_loss']:.4f}; {summary['stop_reason']}; "
+            f"model in {cfg.output_dir}/final"
+        )
+        held = summary.get("heldout")
+        if held:
+            b, a = held["before"], held["after"]
+            print(
+                f"held-out preference accuracy: {b['eval_preference_accuracy']:.3f} (step "
+                f"{b['step']}) -> {a['eval_preference_accuracy']:.3f} (step {a['step']}); "
+                f"rewards/accuracies {b['eval_rewards/accuracies']:.3f} -> "
+                f"{a['eval_rewards/accuracies']:.3f}"
+            )
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyfast", description="Fine-tune, align and evaluate bespoke LLMs on fused kernels."
@@ -184,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval(sub)
     _ls(sub)
     _train(sub)
+    _align(sub)
     return parser
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
 from pyfast.ops import linear_token_logprobs
-from pyfast.ops.token_logprobs import _check_plain_head, _decoder
+from pyfast.ops.token_logprobs import _check_plain_head
+from pyfast.train.recipe import causal_lm_hidden
 
 Tensor = torch.Tensor
 
@@ -42,21 +43,13 @@ class PairLogps:
         return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
 
 
-def decoder_hidden(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The decoder body's last hidden states (2B, T, D) (no head, no logits)."""
-    out = _decoder(model)(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-
 def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     """Summed log pi(answer | prompt) of every row of a (2B, T) pair batch, differentiable.
 
     `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
     """
     _check_plain_head(model)
-    hidden = decoder_hidden(model, batch)  # (2B, T, D)
+    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
     shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): token t + 1
     scored = shifted != IGNORE_INDEX
     rows = scored.nonzero()[:, 0]  # (M,) row of each scored token
@@ -73,31 +66,18 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
 
 
-class RewardModel(torch.nn.Module):
-    """A causal LM's decoder body plus a new scalar head: r(x, y) from the last token's state.
-
-    Transfer learning with a newly added layer: the head ``score`` (D -> 1, no bias) is freshly
-    initialised (normal, std = the model's ``initializer_range`` or 0.02); the body's lm_head is
-    kept (unused) so that :meth:`lm` saves and reloads as an ordinary causal LM.
+def pair_rewards(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Scalar rewards (B,) of chosen and rejected rows: the model's new scalar head
+    (``score_head``, see :func:`pyfast.train.freeze.add_scalar_head`) on each row's last real
+    token's hidden state (rows are right-padded). Differentiable; float32.
     """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-        dim = lm.get_input_embeddings().weight.shape[1]
-        param = next(lm.parameters())
-        self.score = torch.nn.Linear(dim, 1, bias=False, dtype=param.dtype, device=param.device)
-        std = getattr(getattr(lm, "config", None), "initializer_range", 0.02) or 0.02
-        torch.nn.init.normal_(self.score.weight, std=std)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Rewards (N,) of right-padded sequences (N, T): the head on each last real token."""
-        hidden = decoder_hidden(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask})
-        last = attention_mask.sum(-1).clamp(min=1) - 1  # (N,)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, D)
-        return self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
-
-    def pair_rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        r = self(batch["input_ids"], batch["attention_mask"])
-        b = r.shape[0] // 2
-        return r[:b], r[b:]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score_head", None)
+    if head is None:
+        raise ValueError("reward model: the model has no scalar head (set freeze.new_head=scalar)")
+    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    last = batch["attention_mask"].sum(-1).clamp(min=1) - 1  # (2B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (2B, D)
+    r = head(h.to(head.weight.dtype)).squeeze(-1).float()
+    b = r.shape[0] // 2
+    return r[:b], r[b:]

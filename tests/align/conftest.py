@@ -17,8 +17,21 @@ CHATML = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls run much faster on one thread of a shared CPU; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
+    return build_tokenizer()
+
+
+def build_tokenizer():
     """A 300-token byte-level BPE trained on the shipped preference pairs, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

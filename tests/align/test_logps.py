@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyfast.align.data import collate_pairs, read_pairs, tokenize_pairs
-from pyfast.align.logps import RewardModel, pair_logps
+from pyfast.align.logps import pair_logps, pair_rewards
 from pyfast.align.reference import model_fingerprint, reference_logps
 from tests.align.conftest import PAIRS, make_tiny_llama
 
@@ -51,16 +51,22 @@ def test_pair_logps_gradient_matches_full_log_softmax(tokenizer, pairs):
         assert torch.allclose(pa.grad, pb.grad.to(pa.dtype), atol=1e-5, rtol=1e-3), name
 
 
-def test_reward_model_scores_last_real_token(tiny_model, pairs, tokenizer):
-    rm = RewardModel(tiny_model)
+def test_reward_head_scores_last_real_token(tiny_model, pairs, tokenizer):
+    from pyfast.train.freeze import add_scalar_head
+
+    with pytest.raises(ValueError, match="no scalar head"):
+        pair_rewards(tiny_model, collate_pairs(pairs[:1], tokenizer.eos_token_id))
+    head = add_scalar_head(tiny_model)
     batch = collate_pairs(pairs[:4], tokenizer.eos_token_id)
-    rc, rr = rm.pair_rewards(batch)
+    rc, rr = pair_rewards(tiny_model, batch)
     assert rc.shape == rr.shape == (4,)
-    # each reward equals the head on that sequence's own last token, scored alone (no padding)
-    ids = batch["input_ids"][5, : int(batch["attention_mask"][5].sum())].unsqueeze(0)
-    alone = rm(ids, torch.ones_like(ids))
-    assert torch.allclose(alone, rr[1:2], atol=1e-5)
-    assert rm.score.weight.shape == (1, 32) and rm.score.weight.requires_grad
+    # each reward is the head on that sequence's own last token, scored alone (no padding)
+    n = int(batch["attention_mask"][5].sum())
+    ids = batch["input_ids"][5, :n].unsqueeze(0)
+    hidden = tiny_model.model(input_ids=ids).last_hidden_state[0, -1]
+    assert torch.allclose(head(hidden).squeeze(), rr[1], atol=1e-5)
+    (rc.sum() - rr.sum()).backward()
+    assert head.weight.grad is not None
 
 
 def test_reference_cache_is_written_once_and_keyed(tiny_model, pairs, tokenizer, tmp_path):
