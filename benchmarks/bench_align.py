@@ -14,9 +14,10 @@ log 2 of policy == reference).
 - TRL (`DPOTrainer`, default `precompute_ref_log_probs=False`): the reference model is held in
   memory and runs a no-grad forward every step; one step is `trainer.training_step` (its own
   forward/backward) plus `trainer.optimizer.step()`.
-- pyfast: the reference log-probs are computed once and cached (pyfast.align.reference), the
-  reference model is then freed; one step is the fused pair log-probs (one forward over chosen +
-  rejected), :func:`pyfast.align.losses.dpo_loss`, backward and FusedAdamW.
+- pyfast: the reference log-probs are computed once (as pyfast.align.reference caches them), the
+  reference model is then freed; one step is the pair log-probs (each prompt runs once and its
+  key/value cache serves both answers; the fused head scores answer tokens only),
+  :func:`pyfast.align.losses.dpo_loss`, backward and FusedAdamW.
 
 Each side runs in its own fresh subprocess (one after the other, in this one invocation), so
 peak memories do not mix. Reported per side: the median step time over --rounds steps after one
@@ -146,7 +147,25 @@ def worker_trl(args) -> dict:
     return out
 
 
+def _pairs_of(saved: dict) -> list:
+    """TokenizedPairs holding exactly the token ids of TRL's collated (2B, T) batch."""
+    from pyfast.align.data import TokenizedPair
+
+    ids, attn, comp = saved["input_ids"], saved["attention_mask"].bool(), saved["completion_mask"]
+    b = ids.shape[0] // 2
+    out = []
+    for i in range(b):
+        c, r = i, b + i
+        prompt = ids[c][attn[c] & (comp[c] == 0)].tolist()
+        assert prompt == ids[r][attn[r] & (comp[r] == 0)].tolist()
+        out.append(
+            TokenizedPair(prompt, ids[c][comp[c] == 1].tolist(), ids[r][comp[r] == 1].tolist())
+        )
+    return out
+
+
 def worker_pyfast(args) -> dict:
+    from pyfast.align.data import collate_shared_prompt
     from pyfast.align.logps import pair_logps
     from pyfast.align.losses import dpo_loss
     from pyfast.optim import FusedAdamW
@@ -155,12 +174,7 @@ def worker_pyfast(args) -> dict:
 
     def setup():
         saved = torch.load(args.batch_file)
-        mask = saved["completion_mask"].bool()
-        batch = {
-            "input_ids": saved["input_ids"],
-            "attention_mask": saved["attention_mask"],
-            "labels": saved["input_ids"].masked_fill(~mask, -100),
-        }
+        batch = collate_shared_prompt(_pairs_of(saved), pad_id=0)
         ref, _ = _load(args.model, noise=False)
         with torch.no_grad():
             lp = pair_logps(ref.eval(), batch)

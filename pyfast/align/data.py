@@ -239,3 +239,29 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
         attention_mask[i, : len(s)] = 1
         labels[i, a : len(s)] = ids[a:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """A pair batch whose prompts run once for both answers (see pyfast.align.logps).
+
+    ``prompt_ids``/``prompt_mask`` (B, P): prompts left-padded, so that every prompt ends at the
+    last column; ``answer_ids``/``answer_mask`` (2B, A): answers right-padded, interleaved
+    chosen_0, rejected_0, chosen_1, ... (row 2i and 2i + 1 continue prompt i).
+    """
+    width = max(len(p.prompt_ids) for p in pairs)
+    b = len(pairs)
+    prompt_ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, P)
+    prompt_mask = torch.zeros((b, width), dtype=torch.long)
+    answers = [a for p in pairs for a in (p.chosen_ids, p.rejected_ids)]
+    a_width = max(len(a) for a in answers)
+    answer_ids = torch.full((2 * b, a_width), pad_id, dtype=torch.long)  # (2B, A)
+    answer_mask = torch.zeros((2 * b, a_width), dtype=torch.long)
+    for i, p in enumerate(pairs):
+        n = len(p.prompt_ids)
+        prompt_ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
+        prompt_mask[i, width - n :] = 1
+    for i, a in enumerate(answers):
+        answer_ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        answer_mask[i, : len(a)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "answer_ids": answer_ids,
+            "answer_mask": answer_mask}  # fmt: skip

@@ -1,10 +1,18 @@
 """Per-sequence log-probs of chosen and rejected answers, through the fused log-prob kernel.
 
-Chosen and rejected rows go through the model in one forward (a (2B, T) batch from
-:func:`pyfast.align.data.collate_pairs`). Only the hidden states of answer tokens reach the head:
-they are gathered into an (M, D) matrix and scored by
-:func:`pyfast.ops.linear_token_logprobs` against the lm_head weight, so neither the (2B, T, V)
-logits nor a full-vocabulary log-softmax ever exists, and prompt/padding rows cost no head work.
+Two batch layouts, one result (:class:`PairLogps`):
+
+- concatenated (:func:`pyfast.align.data.collate_pairs`): chosen and rejected rows, each prompt +
+  answer, go through the model in one (2B, T) forward;
+- shared prompt (:func:`pyfast.align.data.collate_shared_prompt`, the recipe's default): each
+  prompt runs once, (B, P), and its key/value cache is repeated for the two answers, which run
+  as one (2B, A) forward on top of it. Chosen and rejected share their prompt, so the prompt's
+  tokens cost once instead of twice, forward and backward (gradients flow through the cache).
+
+Either way only the hidden states of answer tokens reach the head: they are gathered into an
+(M, D) matrix and scored by :func:`pyfast.ops.linear_token_logprobs` against the lm_head weight,
+so neither the logits nor a full-vocabulary log-softmax ever exists, and prompt/padding rows cost
+no head work.
 """
 
 from __future__ import annotations
@@ -43,26 +51,59 @@ class PairLogps:
         return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
-    """Summed log pi(answer | prompt) of every row of a (2B, T) pair batch, differentiable.
-
-    `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
-    """
-    _check_plain_head(model)
-    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
-    shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): token t + 1
-    scored = shifted != IGNORE_INDEX
+def _score(model: torch.nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs (N,) and scored-token counts (N,) of `labels` (N, T) given the hidden
+    states (N, T, D) that predict them (IGNORE_INDEX: not scored)."""
+    scored = labels != IGNORE_INDEX
     rows = scored.nonzero()[:, 0]  # (M,) row of each scored token
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     h = hidden[scored]  # (M, D)
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
-    logprobs, _, _ = linear_token_logprobs(h, weight, shifted[scored], bias)  # (M,)
+    logprobs, _, _ = linear_token_logprobs(h, weight, labels[scored], bias)  # (M,)
     n = hidden.shape[0]
     sums = torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
-    counts = scored.sum(-1)
-    b = n // 2
+    return sums, scored.sum(-1)
+
+
+def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+    from transformers import DynamicCache
+
+    body = model.get_decoder()
+    pmask, amask = batch["prompt_mask"], batch["answer_mask"]  # (B, P), (2B, A)
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+    out = body(input_ids=batch["prompt_ids"], attention_mask=pmask, position_ids=ppos,
+               past_key_values=DynamicCache(), use_cache=True)  # fmt: skip
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # (2B, ...): rows 2i, 2i + 1 continue prompt i
+    a_len = amask.shape[1]
+    start = pmask.sum(-1).repeat_interleave(2)  # (2B,) first answer position
+    apos = start[:, None] + torch.arange(a_len, device=start.device)[None]  # (2B, A)
+    mask = torch.cat([pmask.repeat_interleave(2, 0), amask], 1)  # (2B, P + A)
+    h_ans = body(input_ids=batch["answer_ids"], attention_mask=mask, position_ids=apos,
+                 past_key_values=cache, use_cache=True).last_hidden_state  # (2B, A, D)  # fmt: skip
+    # Answer token 0 is predicted by the prompt's last state, token t by the answer's state t - 1.
+    first = out.last_hidden_state[:, -1:].repeat_interleave(2, 0)  # (2B, 1, D)
+    hidden = torch.cat([first, h_ans[:, :-1]], 1)  # (2B, A, D)
+    labels = batch["answer_ids"].masked_fill(amask == 0, IGNORE_INDEX)
+    sums, counts = _score(model, hidden, labels)
+    return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+    """Summed log pi(answer | prompt) of chosen and rejected answers of a pair batch (either
+    layout, see the module docstring), differentiable.
+
+    `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
+    """
+    _check_plain_head(model)
+    if "prompt_ids" in batch:
+        return _shared_prompt_logps(model, batch)
+    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): token t + 1
+    sums, counts = _score(model, hidden, shifted)
+    b = hidden.shape[0] // 2
     return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
 
 

@@ -28,6 +28,7 @@ from pyfast.align.data import (
     PairReport,
     TokenizedPair,
     collate_pairs,
+    collate_shared_prompt,
     read_pairs,
     split_heldout,
     tokenize_pairs,
@@ -155,13 +156,21 @@ class AlignRecipe(Recipe):
         )
 
     def collate(self, examples: list[AlignExample]) -> dict:
-        batch = collate_pairs([e.pair for e in examples], pad_id_of(self.tokenizer))
+        pairs, pad = [e.pair for e in examples], pad_id_of(self.tokenizer)
+        if self.cfg.align.method == "reward":  # rewards read each row's last token
+            batch = collate_pairs(pairs, pad)
+        else:  # each prompt runs once for both answers
+            batch = collate_shared_prompt(pairs, pad)
+            # the loop counts the tokens a step processes as attention_mask.sum()
+            batch["attention_mask"] = torch.cat(
+                [batch["prompt_mask"].flatten(), batch["answer_mask"].flatten()]
+            )
         batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in examples])
         return batch
 
     def batch_weight(self, batch: dict) -> int:
-        return batch["input_ids"].shape[0] // 2  # pairs
+        return batch["ref_chosen"].shape[0]  # pairs
 
     # -- loss ----------------------------------------------------------------------------------
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:

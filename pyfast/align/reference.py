@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from pyfast.align.data import TokenizedPair, collate_pairs, pairs_fingerprint
+from pyfast.align.data import TokenizedPair, collate_shared_prompt, pairs_fingerprint
 from pyfast.align.logps import pair_logps
 from pyfast.io import atomic_write
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -66,7 +66,7 @@ def compute_reference_logps(
     try:
         with _adapters_off(model):
             for i in range(0, len(pairs), batch_size):
-                batch = collate_pairs(pairs[i : i + batch_size], pad_id)
+                batch = collate_shared_prompt(pairs[i : i + batch_size], pad_id)
                 lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
                 chosen.append(lp.chosen.float().cpu())
                 rejected.append(lp.rejected.float().cpu())

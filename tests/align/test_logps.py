@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyfast.align.data import collate_pairs, read_pairs, tokenize_pairs
+from pyfast.align.data import collate_pairs, collate_shared_prompt, read_pairs, tokenize_pairs
 from pyfast.align.logps import pair_logps, pair_rewards
 from pyfast.align.reference import model_fingerprint, reference_logps
 from tests.align.conftest import PAIRS, make_tiny_llama
@@ -101,3 +101,23 @@ def test_lora_reference_uses_disabled_adapters(tiny_model, pairs, tokenizer, tmp
     assert torch.allclose(ref_c, base_c, atol=1e-5) and torch.allclose(ref_r, base_r, atol=1e-5)
     policy = pair_logps(model, collate_pairs(pairs[:4], pad))
     assert not torch.allclose(policy.chosen.detach(), ref_c, atol=1e-3)
+
+
+def test_shared_prompt_layout_matches_concatenated(tokenizer, pairs):
+    """Prompt once + cache repeated for both answers = the (2B, T) concatenated forward,
+    values and gradients (prompts of different lengths, so left padding is exercised)."""
+    pad = tokenizer.eos_token_id
+    some = pairs[:4]
+    assert len({len(p.prompt_ids) for p in some}) > 1
+    a = make_tiny_llama(len(tokenizer), seed=3)
+    b = make_tiny_llama(len(tokenizer), seed=3)
+    shared = pair_logps(a, collate_shared_prompt(some, pad))
+    concat = pair_logps(b, collate_pairs(some, pad))
+    for x, y in [(shared.chosen, concat.chosen), (shared.rejected, concat.rejected)]:
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-5)
+    assert torch.equal(shared.chosen_tokens, concat.chosen_tokens)
+    assert torch.equal(shared.rejected_tokens, concat.rejected_tokens)
+    (shared.chosen.sum() - 0.3 * shared.rejected.sum()).backward()
+    (concat.chosen.sum() - 0.3 * concat.rejected.sum()).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5, rtol=1e-3), name

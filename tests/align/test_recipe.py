@@ -140,7 +140,7 @@ def test_cli_align_then_eval_the_aligned_model(overrides, tmp_path, capsys):
     assert "held-out preference accuracy:" in out and "done: 2 steps (dpo)" in out
     final = tmp_path / "run" / "final"
     code = main(["eval", "--model", str(final), "--tasks", "arc_easy", "--limit", "4",
-                 "--data-dir", str(BENCH_DATA), "--split", "validation", "--batch-size", "4"])  # fmt: skip
+                 "--data-dir", str(BENCH_DATA), "--split", "validation"])  # fmt: skip
     assert code == 0
     assert "arc_easy" in capsys.readouterr().out
 
