@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test bench lint cmake-asan clean
+.PHONY: install demo demo-align test bench lint cmake-asan clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ $(VENV)/.installed: $(SOURCES)
 
 demo: install
 	$(VENV)/bin/pyfast bench optim --output results/bench_optim
+
+# Alignment stage: DPO of the default model on the shipped HH-RLHF pairs; prints held-out
+# preference accuracy before and after (runs/dpo_hh_harmless/summary.json).
+demo-align: install
+	$(VENV)/bin/pyfast align --config configs/dpo_hh_harmless.yaml
 
 test: install
 	$(PY) -m pytest -q tests

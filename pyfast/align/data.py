@@ -19,7 +19,6 @@ missing field, wrong type) raise ``ValueError`` naming the file, line and field.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100
+from pyfast.train.data import IGNORE_INDEX, read_jsonl
+
 SKIP_REASONS = ("identical", "empty_answer", "prompt_too_long", "identical_after_truncation")
 
 
@@ -90,9 +90,7 @@ def _chat_text(tokenizer, where: str, prompt: list, answer: list) -> tuple[str, 
     return head, whole[len(head) :]
 
 
-def _row_to_pair(row, tokenizer, where: str) -> PreferencePair:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _row_to_pair(row: dict, tokenizer, where: str) -> PreferencePair:
     for key in ("chosen", "rejected"):
         if key not in row:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -124,23 +122,16 @@ def _row_to_pair(row, tokenizer, where: str) -> PreferencePair:
 
 
 def read_pairs(path: str | Path, tokenizer=None) -> list[PreferencePair]:
-    """Reads a JSONL file of text or chat pairs (chat pairs need `tokenizer` for its template)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
+    """Reads a JSONL file of text or chat pairs (chat pairs need `tokenizer` for its template).
+
+    Raises FileNotFoundError for a missing file and ValueError naming file, line and field for
+    a row that is not a pair.
+    """
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if tokenizer is None and isinstance(row, dict) and isinstance(row.get("chosen"), list):
-                raise ValueError(f"{where}: chat-format pair needs a tokenizer")
-            pairs.append(_row_to_pair(row, tokenizer, where))
+    for row in read_jsonl(path):
+        if tokenizer is None and isinstance(row.data.get("chosen"), list):
+            raise ValueError(f"{row.where}: chat-format pair needs a tokenizer")
+        pairs.append(_row_to_pair(row.data, tokenizer, row.where))
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs

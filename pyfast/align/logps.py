@@ -17,6 +17,7 @@ no head work.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -71,18 +72,20 @@ def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Pa
     from transformers import DynamicCache
 
     body = model.get_decoder()
+    # transformers 5.x renames past_key_values to cache; the cache object is updated in place.
+    key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    cache = DynamicCache()
     pmask, amask = batch["prompt_mask"], batch["answer_mask"]  # (B, P), (2B, A)
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
     out = body(input_ids=batch["prompt_ids"], attention_mask=pmask, position_ids=ppos,
-               past_key_values=DynamicCache(), use_cache=True)  # fmt: skip
-    cache = out.past_key_values
+               use_cache=True, **{key: cache})  # fmt: skip
     cache.batch_repeat_interleave(2)  # (2B, ...): rows 2i, 2i + 1 continue prompt i
     a_len = amask.shape[1]
     start = pmask.sum(-1).repeat_interleave(2)  # (2B,) first answer position
     apos = start[:, None] + torch.arange(a_len, device=start.device)[None]  # (2B, A)
     mask = torch.cat([pmask.repeat_interleave(2, 0), amask], 1)  # (2B, P + A)
     h_ans = body(input_ids=batch["answer_ids"], attention_mask=mask, position_ids=apos,
-                 past_key_values=cache, use_cache=True).last_hidden_state  # (2B, A, D)  # fmt: skip
+                 use_cache=True, **{key: cache}).last_hidden_state  # (2B, A, D)  # fmt: skip
     # Answer token 0 is predicted by the prompt's last state, token t by the answer's state t - 1.
     first = out.last_hidden_state[:, -1:].repeat_interleave(2, 0)  # (2B, 1, D)
     hidden = torch.cat([first, h_ans[:, :-1]], 1)  # (2B, A, D)

@@ -132,6 +132,7 @@ class AlignRecipe(Recipe):
         folder = Path(a.reference_cache) if a.reference_cache else cache_dir() / "reference_logps"
         if not hasattr(self, "_model_key"):
             self._model_key = f"{model_fingerprint(model)}|{self.cfg.precision}"
+        self.log(f"reference log-probs of {len(pairs)} pairs (computed once, then cached) ...")
         with self.autocast():
             chosen, rejected, path, cached = reference_logps(
                 model, pairs, pad_id_of(self.tokenizer), folder, a.reference_batch_size,

@@ -100,7 +100,8 @@ def test_chat_pairs_use_the_template(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("{not json", r"bad\.jsonl:2: invalid JSON"),
+        ("{not json", r"bad\.jsonl:2: malformed JSON"),
+        ("[1, 2]", r"bad\.jsonl:2: expected a JSON object"),
         ('{"prompt": "x", "chosen": "a"}', r"bad\.jsonl:2: missing field 'rejected'"),
         ('{"prompt": 3, "chosen": "a", "rejected": "b"}', r"bad\.jsonl:2: field 'prompt'"),
         ('{"chosen": "a", "rejected": [{"role": "user", "content": "b"}]}', "both be strings"),
@@ -120,7 +121,7 @@ def test_malformed_rows_name_file_and_line(tokenizer, tmp_path, line, message):
 
 
 def test_missing_file_and_bad_lengths(tokenizer, tmp_path):
-    with pytest.raises(FileNotFoundError, match="preference file not found"):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
         read_pairs(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="max_prompt_length < max_length"):
         tokenize_pairs([], tokenizer, max_length=8, max_prompt_length=8)

@@ -104,6 +104,7 @@ def test_dpo_raises_heldout_preference_accuracy(overrides, capsys):
         ["align.method=dpo", "align.loss_type=ipo"],
         ["align.method=dpo", "align.loss_type=hinge", "align.beta=0.1"],
         ["align.method=dpo", "align.label_smoothing=0.1"],
+        ["align.method=dpo", "freeze.lora.enabled=true", "freeze.lora.merge=true"],
         ["align.method=simpo", "align.beta=2.0", "align.gamma=0.5"],
         ["align.method=orpo", "align.beta=1.0", "optim.lr=1e-2"],
         ["align.method=reward", "freeze.new_head=scalar", "freeze.patterns=['*']"],
@@ -114,8 +115,11 @@ def test_every_method_learns_the_pairs(overrides, method_overrides):
     before, after = summary["heldout"]["before"], summary["heldout"]["after"]
     assert after["eval_loss"] < before["eval_loss"]
     assert after["eval_preference_accuracy"] > max(before["eval_preference_accuracy"], 0.8)
+    final = Path(cfg.output_dir) / "final"
     if cfg.align.method == "reward":
-        assert (Path(cfg.output_dir) / "final" / "score_head.safetensors").is_file()
+        assert (final / "score_head.safetensors").is_file()
+    if cfg.freeze.lora.enabled:  # merged: an ordinary model folder that pyfast eval loads
+        assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
 
 
 def test_resume_continues_the_same_curve(overrides):
