@@ -21,6 +21,11 @@ class PreferenceConfig:
     cached), simpo (beta, gamma, label_smoothing; reference-free), orpo (beta = lambda;
     reference-free), reward (Bradley–Terry reward model on a new scalar head:
     ``freeze.new_head=scalar``).
+
+    Of the ``data`` section, alignment uses path, eval_path, eval_fraction, max_rows,
+    eval_max_rows, max_length, add_eos and shuffle. Chat-format pairs always go through the
+    tokenizer's chat template; text pairs are used as they are (``model.chat_template`` does not
+    rewrite them).
     """
 
     method: Literal["dpo", "simpo", "orpo", "reward"] = "dpo"
