@@ -19,12 +19,12 @@ log 2 of policy == reference).
   key/value cache serves both answers; the fused head scores answer tokens only),
   :func:`pyfast.align.losses.dpo_loss`, backward and FusedAdamW.
 
-Each side runs in its own fresh subprocess (one after the other, in this one invocation), so
-peak memories do not mix. Reported per side: the median step time over --rounds steps after one
-warm-up step (and the fastest: the CPU is shared, so the minimum is the least noisy), throughput
-in pairs/s, the peak resident memory of the whole job above the process's
+Memory: each side runs in its own fresh subprocess (one after the other, in this one invocation),
+so peak memories do not mix: the peak resident memory of the whole job above the process's
 memory before the models load ("job peak": models, optimizer state, activations), the peak above
-the memory held just before a step ("step peak"), and the first step's loss.
+the memory held just before a step ("step peak"), and the first step's loss. Time: a further
+subprocess holds both and alternates TRL and pyfast steps (one warm-up each, then --rounds each),
+so that both see the same load on a shared CPU; reported: median and fastest step, pairs/s.
 """
 
 from __future__ import annotations
@@ -96,55 +96,65 @@ def _measure(setup_and_warm, step, rounds: int) -> dict:
     }
 
 
-def worker_trl(args) -> dict:
+def _trl_trainer(args):
+    """(trainer, batch): TRL's DPOTrainer on the noisy policy + reference, and its first batch."""
     import datasets
+    import trl
+
+    rows = [json.loads(x) for x in DATA.read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()][: args.pairs]
+    ref, tok = _load(args.model, noise=False)
+    policy, _ = _load(args.model, noise=True)
+    cfg = trl.DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.pairs,
+        max_length=args.max_length,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        learning_rate=LR,
+        weight_decay=0.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+    )
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=cfg,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.rounds + 2)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, used by its step
+    torch.save({k: v.cpu() for k, v in batch.items()}, args.batch_file)
+    return trainer, batch
+
+
+def _trl_step(trainer, batch) -> float:
+    loss = trainer.training_step(trainer.model, batch)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def worker_trl(args) -> dict:
     import trl
 
     state = {}
 
     def setup():
-        rows = [json.loads(x) for x in DATA.read_text(encoding="utf-8").splitlines()]
-        rows = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()][: args.pairs]
-        ref, tok = _load(args.model, noise=False)
-        policy, _ = _load(args.model, noise=True)
-        cfg = trl.DPOConfig(
-            output_dir=tempfile.mkdtemp(),
-            per_device_train_batch_size=args.pairs,
-            max_length=args.max_length,
-            beta=BETA,
-            loss_type=["sigmoid"],
-            learning_rate=LR,
-            weight_decay=0.0,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            report_to=[],
-            dataloader_num_workers=0,
-        )
-        trainer = trl.DPOTrainer(
-            model=policy,
-            ref_model=ref,
-            args=cfg,
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tok,
-        )
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.create_optimizer_and_scheduler(num_training_steps=args.rounds + 1)
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, used by its step
-        torch.save({k: v.cpu() for k, v in batch.items()}, args.batch_file)
-        state.update(trainer=trainer, batch=batch, optim=cfg.optim)
+        state["trainer"], state["batch"] = _trl_trainer(args)
         return step()
 
     def step():
-        t = state["trainer"]
-        loss = t.training_step(t.model, state["batch"])
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return _trl_step(state["trainer"], state["batch"])
 
     out = _measure(setup, step, args.rounds)
-    out["optimizer"] = str(state["optim"])
+    out["optimizer"] = str(state["trainer"].args.optim)
     out["version"] = trl.__version__
     return out
 
@@ -166,42 +176,66 @@ def _pairs_of(saved: dict) -> list:
     return out
 
 
-def worker_pyfast(args) -> dict:
+def _pyfast_state(args, ref=None) -> dict:
+    """Reference log-probs of TRL's batch (then the reference is dropped), policy, FusedAdamW."""
     from pyfast.align.data import collate_shared_prompt
     from pyfast.align.logps import pair_logps
-    from pyfast.align.losses import dpo_loss
     from pyfast.optim import FusedAdamW
 
+    batch = collate_shared_prompt(_pairs_of(torch.load(args.batch_file)), pad_id=0)
+    ref = ref if ref is not None else _load(args.model, noise=False)[0]
+    with torch.no_grad():
+        lp = pair_logps(ref.eval(), batch)
+    ref_logps = (lp.chosen.float(), lp.rejected.float())
+    del ref, lp
+    policy, _ = _load(args.model, noise=True)
+    policy.train()
+    opt = FusedAdamW(policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype)
+    return {"policy": policy, "batch": batch, "ref": ref_logps, "opt": opt}
+
+
+def _pyfast_step(state: dict) -> float:
+    from pyfast.align.logps import pair_logps
+    from pyfast.align.losses import dpo_loss
+
+    lp = pair_logps(state["policy"], state["batch"])
+    loss, _, _ = dpo_loss(lp.chosen, lp.rejected, *state["ref"], "sigmoid", BETA)
+    loss.backward()
+    state["opt"].step()
+    state["opt"].zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def worker_pyfast(args) -> dict:
     state = {}
 
     def setup():
-        saved = torch.load(args.batch_file)
-        batch = collate_shared_prompt(_pairs_of(saved), pad_id=0)
-        ref, _ = _load(args.model, noise=False)
-        with torch.no_grad():
-            lp = pair_logps(ref.eval(), batch)
-            state["ref"] = (lp.chosen.float(), lp.rejected.float())
-        del ref, lp
-        policy, _ = _load(args.model, noise=True)
-        policy.train()
-        state.update(
-            policy=policy,
-            batch=batch,
-            opt=FusedAdamW(
-                policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype
-            ),
-        )
-        return step()
+        state.update(_pyfast_state(args))
+        return _pyfast_step(state)
 
-    def step():
-        lp = pair_logps(state["policy"], state["batch"])
-        loss, _, _ = dpo_loss(lp.chosen, lp.rejected, *state["ref"], "sigmoid", BETA)
-        loss.backward()
-        state["opt"].step()
-        state["opt"].zero_grad(set_to_none=True)
-        return loss.item()
+    return _measure(setup, lambda: _pyfast_step(state), args.rounds)
 
-    return _measure(setup, step, args.rounds)
+
+def worker_interleaved(args) -> dict:
+    """Times both in one process, alternating TRL and pyfast steps, so that both see the same
+    load on a shared CPU (memory comes from the separate workers)."""
+    import time
+
+    trainer, batch = _trl_trainer(args)
+    state = _pyfast_state(args, ref=trainer.ref_model)
+    times = {"trl": [], "pyfast": []}
+    for i in range(args.rounds + 1):  # round 0: warm-up (optimizer state allocation)
+        for name, fn in (("trl", lambda: _trl_step(trainer, batch)),
+                         ("pyfast", lambda: _pyfast_step(state))):  # fmt: skip
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_s": ts[len(ts) // 2], "min_s": ts[0], "times_s": ts}
+    return out
 
 
 def _run_worker(provider: str, args, batch_file: str, state_dtype: str | None = None) -> dict:
@@ -223,7 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output", default="results/bench_align")
-    p.add_argument("--worker", choices=["trl", "pyfast"], help=argparse.SUPPRESS)
+    p.add_argument("--bf16-state", action="store_true", help="also pyfast with bf16 Adam state")
+    p.add_argument("--worker", choices=["trl", "pyfast", "interleaved"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument("--state-dtype", default=None, help=argparse.SUPPRESS)
@@ -232,7 +267,8 @@ def main(argv=None) -> int:
     if args.worker:
         if args.state_dtype:
             args.state_dtype = getattr(torch, args.state_dtype)
-        res = (worker_trl if args.worker == "trl" else worker_pyfast)(args)
+        workers = {"trl": worker_trl, "pyfast": worker_pyfast, "interleaved": worker_interleaved}
+        res = workers[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
@@ -241,7 +277,15 @@ def main(argv=None) -> int:
     batch_file = os.path.join(tempfile.mkdtemp(), "batch.pt")
     rows = {"trl": _run_worker("trl", args, batch_file)}  # writes the batch pyfast reuses
     rows["pyfast"] = _run_worker("pyfast", args, batch_file)
-    rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
+    if args.bf16_state:
+        rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
+    # Times: both providers alternating in one process (the separate workers' times are kept in
+    # results.json as "separate_*" but a shared CPU's load changes between them).
+    timing = _run_worker("interleaved", args, batch_file)
+    for name, r in rows.items():
+        r["separate_median_s"], r["separate_min_s"] = r.pop("median_s"), r.pop("min_s")
+        t = timing["trl" if name == "trl" else "pyfast"]
+        r["median_s"], r["min_s"], r["times_s"] = t["median_s"], t["min_s"], t["times_s"]
     saved = torch.load(batch_file)
     trl_row = rows["trl"]
     lines = [
