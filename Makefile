@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo demo-align test bench lint cmake-asan clean
+.PHONY: install demo demo-align bench-optim bench-train test bench lint cmake-asan clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,17 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -c "import pyfast; print('pyfast', pyfast.__version__, pyfast.extension_info())"
 	touch $@
 
+# The main job: evaluate the embedded model on held-out ARC items, fine-tune it (transfer
+# learning, configs/arc_transfer.yaml, ARC train splits in data/), evaluate again, write
+# results/demo/report.md.
 demo: install
+	$(PY) -m pyfast.train.demo --config configs/arc_transfer.yaml --output results/demo
+
+bench-optim: install
 	$(VENV)/bin/pyfast bench optim --output results/bench_optim
+
+bench-train: install
+	$(PY) benchmarks/bench_train.py --output results/bench_train
 
 # Alignment stage: DPO of the default model on the shipped HH-RLHF pairs; prints held-out
 # preference accuracy before and after (runs/dpo_hh_harmless/summary.json).

@@ -54,8 +54,10 @@ def save_model(model, tokenizer, path: Path, merge_lora: bool = False) -> None:
         tokenizer.save_pretrained(path)
     head = getattr(base, "score_head", None)
     if head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                  str(path / "score_head.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+            str(path / "score_head.safetensors"),
+        )
 
 
 def atomic_dir(final: Path, fill) -> Path:

@@ -43,9 +43,9 @@ class DataConfig:
     path: list[str] = field(default_factory=list)
     hf_config: str | None = None
     split: str = "train"
-    format: Literal[
-        "auto", "instruction", "prompt_completion", "chat", "text", "arc", "gsm8k"
-    ] = "auto"
+    format: Literal["auto", "instruction", "prompt_completion", "chat", "text", "arc", "gsm8k"] = (
+        "auto"
+    )
     eval_path: list[str] = field(default_factory=list)  # separate held-out file(s)
     eval_fraction: float = 0.0  # else: this fraction of the training rows is held out
     eval_max_rows: int | None = None

@@ -96,7 +96,9 @@ def read_jsonl(path: str | Path) -> list[Row]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
             rows.append(Row(obj, f"{path}:{lineno}"))
     return rows
 
@@ -139,9 +141,8 @@ def detect_format(rows: list[Row]) -> str:
 
 def _field(row: Row, name: str, kind=str):
     if name not in row.data:
-        raise ValueError(
-            f"{row.where}: missing field {name!r} (row has {', '.join(sorted(row.data)) or 'no fields'})"
-        )
+        has = ", ".join(sorted(row.data)) or "no fields"
+        raise ValueError(f"{row.where}: missing field {name!r} (row has {has})")
     value = row.data[name]
     if not isinstance(value, kind):
         raise ValueError(
@@ -193,7 +194,9 @@ class Formatter:
         self.tok = tokenizer
         self.cfg = cfg
         self.chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
-        self.eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+        self.eos = (
+            [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+        )
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
@@ -251,11 +254,14 @@ class Formatter:
             instruction, output = _field(row, "instruction"), _field(row, "output")
             extra = row.data.get("input") or ""
             if not isinstance(extra, str):
-                raise ValueError(f"{row.where}: field 'input' must be str, got {type(extra).__name__}")
+                raise ValueError(
+                    f"{row.where}: field 'input' must be str, got {type(extra).__name__}"
+                )
             if self.chat:
                 user = instruction + (f"\n\n{extra}" if extra else "")
-                return self.messages([{"role": "user", "content": user},
-                                      {"role": "assistant", "content": output}])  # fmt: skip
+                return self.messages(
+                    [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+                )
             prompt = ALPACA_PROMPT.format(
                 ctx=", paired with an input that provides further context" if extra else "",
                 instruction=instruction,
@@ -265,7 +271,9 @@ class Formatter:
         raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMAT_FIELDS)}")
 
 
-def tokenize_rows(rows: list[Row], formatter: Formatter, fmt: str) -> tuple[list[Example], DatasetStats]:
+def tokenize_rows(
+    rows: list[Row], formatter: Formatter, fmt: str
+) -> tuple[list[Example], DatasetStats]:
     """Examples of `rows`, truncated to max_length (counted) or packed into blocks."""
     max_len = formatter.cfg.max_length
     stats = DatasetStats(rows=len(rows), format=fmt)
@@ -336,8 +344,11 @@ def load_examples(cfg: DataConfig, tokenizer, use_chat_template: bool = True, se
         )
     stats.sources = list(cfg.path)
     held, held_stats = tokenize_rows(eval_rows, formatter, fmt) if eval_rows else ([], None)
-    return train, held, {"train": stats.as_dict(),
-                         "eval": held_stats.as_dict() if held_stats else None}  # fmt: skip
+    return (
+        train,
+        held,
+        {"train": stats.as_dict(), "eval": held_stats.as_dict() if held_stats else None},
+    )
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -39,7 +39,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder's list of transformer blocks (``model.model.layers`` for Llama-style models)."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and (n is None or len(module) == n)
+        ):
             return module
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
@@ -53,7 +57,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def add_scalar_head(model: nn.Module) -> nn.Linear:
-    """Attaches ``model.score_head = Linear(hidden, 1)`` (zero bias, small init), e.g. for rewards."""
+    """Attaches ``model.score_head = Linear(hidden, 1)`` (zero bias, small init): reward heads."""
     hidden = model.config.hidden_size
     head = nn.Linear(hidden, 1, bias=True)
     with torch.no_grad():
@@ -95,9 +99,14 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> FreezePlan:
         ValueError: a selector that matches nothing (pattern, too many blocks, row out of range).
     """
     selective = bool(
-        cfg.top_blocks or cfg.norm or cfg.head or cfg.patterns or cfg.embedding_rows
-        or cfg.lora.enabled or cfg.new_head != "none"
-    )  # fmt: skip
+        cfg.top_blocks
+        or cfg.norm
+        or cfg.head
+        or cfg.patterns
+        or cfg.embedding_rows
+        or cfg.lora.enabled
+        or cfg.new_head != "none"
+    )
     if cfg.new_head == "scalar":
         add_scalar_head(model)
     total_base = sum(p.numel() for p in model.parameters())

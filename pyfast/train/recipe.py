@@ -94,8 +94,9 @@ class Recipe:
         """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`."""
         from pyfast.models import load_model
 
-        model, tok, self.model_identity = load_model(spec, device=self.cfg.device,
-                                                     dtype=self.cfg.model.dtype)  # fmt: skip
+        model, tok, self.model_identity = load_model(
+            spec, device=self.cfg.device, dtype=self.cfg.model.dtype
+        )
         return model, tok
 
     def load_data(self):
@@ -152,15 +153,17 @@ class Recipe:
         """Loads model, data, freezing policy, optimizer and schedule; restores a checkpoint."""
         cfg = self.cfg
         if cfg.threads:
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(cfg.threads)
         self._init_distributed()
         torch.manual_seed(cfg.seed)
         resume_from = None
         if self.resume:
             resume_from = (
-                ckpt.latest_checkpoint(self.out) if str(self.resume) == "latest"
+                ckpt.latest_checkpoint(self.out)
+                if str(self.resume) == "latest"
                 else Path(self.resume)
-            )  # fmt: skip
+            )
             if resume_from is None:
                 raise ValueError(f"--resume: no checkpoint found under {self.out / 'checkpoints'}")
             meta, blob = ckpt.read_state(resume_from)
@@ -220,10 +223,15 @@ class Recipe:
         params = [p for _, p in self.plan.params]
         if o.name == "fused_adamw":
             return FusedAdamW(
-                params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                max_grad_norm=o.max_grad_norm, masks=self.plan.masks,
+                params,
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                weight_decay=o.weight_decay,
+                max_grad_norm=o.max_grad_norm,
+                masks=self.plan.masks,
                 state_dtype=torch.bfloat16 if o.state_dtype == "bfloat16" else torch.float32,
-            )  # fmt: skip
+            )
         # torch.optim.AdamW: masked params get no weight decay; grad_mask_ zeroes their frozen
         # rows' gradients, so those rows' moments and updates stay exactly zero.
         masked = [p for p in params if p in self.plan.masks]
@@ -279,8 +287,11 @@ class Recipe:
             raise TrainingStopped(
                 f"non-finite training loss ({step_loss}) at step {self.step + 1}: stopped before "
                 "the update; lower optim.lr, check the data, or use precision=float32"
-                + (f" (best checkpoint of step {self.best_step} kept in {self.out / 'best'})"
-                   if self.best_step is not None else "")  # fmt: skip
+                + (
+                    f" (best checkpoint of step {self.best_step} kept in {self.out / 'best'})"
+                    if self.best_step is not None
+                    else ""
+                )
             )
         grad_norm = self._optimizer_step()
         self.step += 1
@@ -346,8 +357,15 @@ class Recipe:
 
         e = self.cfg.eval
         self.model.eval()
-        out = evaluate(self.model, e.tasks, tokenizer=self.tokenizer, data_dir=e.tasks_data_dir,
-                       split=e.tasks_split, limit=e.tasks_limit, batch_size=e.batch_size)  # fmt: skip
+        out = evaluate(
+            self.model,
+            e.tasks,
+            tokenizer=self.tokenizer,
+            data_dir=e.tasks_data_dir,
+            split=e.tasks_split,
+            limit=e.tasks_limit,
+            batch_size=e.batch_size,
+        )
         self.model.train()
         scores = {}
         for task, metrics in out["results"].items():
@@ -357,7 +375,9 @@ class Recipe:
         return scores
 
     def _improved(self, loss: float) -> bool:
-        return self.best_loss is None or loss < self.best_loss - self.cfg.eval.early_stopping_min_delta
+        return (
+            self.best_loss is None or loss < self.best_loss - self.cfg.eval.early_stopping_min_delta
+        )
 
     def after_eval(self, metrics: dict) -> bool:
         """Tracks the best held-out loss (saving the best model); returns True to stop early."""
@@ -365,7 +385,14 @@ class Recipe:
         if loss is None:
             return False
         if not math.isfinite(loss):
-            raise TrainingStopped(f"non-finite held-out loss ({loss}) at step {self.step}")
+            raise TrainingStopped(
+                f"non-finite held-out loss ({loss}) at step {self.step}"
+                + (
+                    f" (best checkpoint of step {self.best_step} kept in {self.out / 'best'})"
+                    if self.best_step is not None
+                    else ""
+                )
+            )
         if self._improved(loss):
             self.best_loss, self.best_step, self._since_best = loss, self.step, 0
             if self.rank == 0:
@@ -403,8 +430,15 @@ class Recipe:
                 "since_best": self._since_best,
                 "world_size": self.world,
             }
-            ckpt.save_checkpoint(path, self.model, self.tokenizer, self.optimizer,
-                                 self.scheduler, state, to_dict(self.cfg))  # fmt: skip
+            ckpt.save_checkpoint(
+                path,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                state,
+                to_dict(self.cfg),
+            )
             ckpt.prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
         self._barrier()
         return path
@@ -418,8 +452,9 @@ class Recipe:
 
     def _rewrite_metrics(self) -> None:
         text = "".join(json.dumps(h) + "\n" for h in self.history)
-        atomic_write(self.out / "metrics.jsonl",
-                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # fmt: skip
+        atomic_write(
+            self.out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+        )
 
     def record(self, entry: dict) -> None:
         self.history.append(entry)
@@ -443,8 +478,13 @@ class Recipe:
         if cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                       dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
         t0, tokens_done = time.perf_counter(), 0
         if self.step == 0 and self.eval_examples and cfg.eval.every:
             entry = {"step": 0, **self.evaluate_heldout()}
@@ -494,8 +534,9 @@ class Recipe:
             if self.rank == 0:
                 ckpt.atomic_dir(
                     self.out / "final",
-                    lambda tmp: ckpt.save_model(self.model, self.tokenizer, tmp,
-                                                self.cfg.freeze.lora.merge),  # fmt: skip
+                    lambda tmp: ckpt.save_model(
+                        self.model, self.tokenizer, tmp, self.cfg.freeze.lora.merge
+                    ),
                 )
         self._barrier()
         train_losses = [h["loss"] for h in self.history if "loss" in h]
@@ -520,6 +561,9 @@ class Recipe:
         return summary
 
     def cleanup(self) -> None:
+        """Restores the thread count and leaves the process group."""
+        if getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

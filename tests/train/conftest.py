@@ -54,6 +54,7 @@ def base_overrides(tiny_train_dir, tmp_path):
         "optim.lr=1e-2",
         "optim.warmup_steps=2",
         "progress=false",
+        "threads=1",  # tiny matmuls: a second thread only adds synchronisation
         "eval.every=3",
         f"output_dir={tmp_path / 'run'}",
     ]

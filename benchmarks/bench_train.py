@@ -1,0 +1,174 @@
+"""pyfast's training loop vs a plain transformers + torch loop: tokens/s, peak memory, losses.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py [--model default] [--batch 4] [--seq 256]
+        [--steps 6] [--warmup 1] [--precision float32] [--output results/bench_train]
+
+Both loops do full fine-tuning of the same model (same initial weights, float32 master weights)
+on the same batches (ARC-Easy train questions from data/, packed into `--seq`-token rows), at the
+same batch size, sequence length and precision, with the same optimizer hyper-parameters:
+
+* plain: ``model(input_ids, labels=labels).loss`` (Hugging Face's loss over the full logits),
+  ``torch.optim.AdamW(fused=True)``, ``torch.nn.utils.clip_grad_norm_``;
+* pyfast: the :class:`pyfast.train.Recipe` step: decoder body + ``linear_cross_entropy`` (no
+  logits tensor), :class:`pyfast.optim.FusedAdamW` with fused clipping.
+
+Each provider runs in its own fresh subprocess (so peak memory is not shared), one after the
+other, in one invocation. Reported: median seconds per optimizer step after `--warmup` steps ->
+tokens/s, the process's peak resident memory added by training (VmHWM above the resident set after
+the model is loaded), and the largest relative difference of the per-step losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LR, WD, CLIP = 1e-5, 0.0, 1.0
+
+
+def batches(tokenizer, batch: int, seq: int, steps: int) -> list[torch.Tensor]:
+    """`steps` tensors (batch, seq) of packed ARC-Easy train text (question + answer)."""
+    ids: list[int] = []
+    need = batch * seq * steps
+    with open(ROOT / "data" / "arc_easy" / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            answer = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
+            ids += tokenizer(f"Question: {row['question']}\nAnswer: {answer}\n\n")["input_ids"]
+            if len(ids) >= need:
+                break
+    flat = torch.tensor(ids[:need]).view(steps, batch, seq)
+    return list(flat)
+
+
+def run_provider(args) -> dict:
+    from pyfast.bench.common import PeakMemory
+    from pyfast.models import load_model
+
+    torch.manual_seed(0)
+    model, tok, _ = load_model(args.model)
+    model.train()
+    data = batches(tok, args.batch, args.seq, args.steps)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.provider == "plain":
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
+
+        def step(ids):
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+    else:
+        from pyfast.ops import linear_cross_entropy
+        from pyfast.optim import FusedAdamW
+        from pyfast.train.recipe import causal_lm_hidden, shifted_labels
+
+        opt = FusedAdamW(params, lr=LR, weight_decay=WD, max_grad_norm=CLIP)
+        head = model.get_output_embeddings()
+
+        def step(ids):
+            with autocast:
+                hidden = causal_lm_hidden(model, ids)
+            loss = linear_cross_entropy(
+                hidden.to(head.weight.dtype), head.weight, shifted_labels(ids)
+            )
+            loss.backward()
+            opt.step()  # clipping fused into the update
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+    losses, times = [], []
+    with PeakMemory(torch.device("cpu")) as mem:
+        for ids in data:
+            t0 = time.perf_counter()
+            losses.append(step(ids))
+            times.append(time.perf_counter() - t0)
+    timed = times[args.warmup :] or times
+    sec = statistics.median(timed)
+    return {
+        "provider": args.provider,
+        "losses": losses,
+        "step_s": times,
+        "median_step_s": sec,
+        "tokens_per_s": args.batch * args.seq / sec,
+        "peak_added_bytes": mem.peak_bytes,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--output", default="results/bench_train")
+    p.add_argument("--provider", choices=["plain", "pyfast"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.provider:  # child process: one provider, JSON on the last stdout line
+        print(json.dumps(run_provider(args)))
+        return 0
+    results = {}
+    for provider in ("plain", "pyfast"):
+        cmd = [sys.executable, __file__, "--provider", provider, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        results[provider] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[provider]
+        print(
+            f"{provider:>6}: {r['tokens_per_s']:.0f} tokens/s, median step "
+            f"{r['median_step_s']:.2f} s, peak +{r['peak_added_bytes'] / 2**20:.0f} MiB, "
+            f"losses {[round(x, 4) for x in r['losses']]}"
+        )
+    plain, fast = results["plain"], results["pyfast"]
+    rel = max(abs(a - b) / abs(a) for a, b in zip(plain["losses"], fast["losses"], strict=True))
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k != "provider"},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "speedup_tokens_per_s": fast["tokens_per_s"] / plain["tokens_per_s"],
+        "peak_memory_ratio": fast["peak_added_bytes"] / max(plain["peak_added_bytes"], 1),
+        "max_rel_loss_diff": rel,
+        "results": results,
+    }
+    out = Path(args.output)
+    from pyfast.io import write_json
+
+    write_json(out / "results.json", summary)
+    print(
+        f"\npyfast / plain: {summary['speedup_tokens_per_s']:.2f}x tokens/s, "
+        f"{summary['peak_memory_ratio']:.2f}x peak memory; losses agree within "
+        f"{rel:.2e} (relative); load average {os.getloadavg()[0]:.1f}\n"
+        f"written to {out / 'results.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
