@@ -40,7 +40,7 @@ bench-train: install
 # Alignment stage: DPO of the default model on the shipped HH-RLHF pairs; prints held-out
 # preference accuracy before and after (runs/dpo_hh_harmless/summary.json).
 demo-align: install
-	$(VENV)/bin/pyfast align --config configs/dpo_hh_harmless.yaml
+	$(VENV)/bin/pyfast align --config configs/align/dpo_hh_harmless.yaml
 
 test: install
 	$(PY) -m pytest -q tests

@@ -192,7 +192,7 @@ def _align(sub):
     p = sub.add_parser(
         "align",
         help="align a model on preference pairs: DPO (sigmoid/ipo/hinge), SimPO, ORPO, reward",
-        description="Preference alignment from a YAML config (see configs/*align*.yaml); "
+        description="Preference alignment from a YAML config (see configs/align/); "
         "key=value overrides, e.g. align.method=simpo align.beta=2. Same loop, checkpoints and "
         "--resume as pyfast train.",
     )

@@ -41,7 +41,7 @@ class PreferenceConfig:
 
 @dataclass
 class AlignConfig(TrainConfig):
-    """Root of an alignment config (configs/*align*.yaml)."""
+    """Root of an alignment config (configs/align/*.yaml)."""
 
     align: PreferenceConfig = field(default_factory=PreferenceConfig)
     output_dir: str = "runs/align"

@@ -171,3 +171,13 @@ def test_only_bad_pairs_is_an_error(overrides, tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "x", "chosen": " a", "rejected": " a"}) + "\n")
     assert main(["align", *overrides, f"data.path={bad}"]) == 2
     assert "no usable training pairs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "configs" / "align").glob("*.yaml")), ids=str
+)
+def test_shipped_configs_load_and_start_with_their_command(path):
+    cfg = load_config(path)
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# pyfast align") and f"--config configs/align/{path.name}" in first
+    assert all(Path(p).is_file() for p in cfg.data.path)  # run from the repository root
