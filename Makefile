@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo bench-optim bench-train test bench lint cmake-asan clean
+.PHONY: install demo demo-align bench-optim bench-train test bench lint cmake-asan clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ bench-optim: install
 
 bench-train: install
 	$(PY) benchmarks/bench_train.py --output results/bench_train
+
+# Alignment stage: DPO of the default model on the shipped HH-RLHF pairs; prints held-out
+# preference accuracy before and after (runs/dpo_hh_harmless/summary.json).
+demo-align: install
+	$(VENV)/bin/pyfast align --config configs/align/dpo_hh_harmless.yaml
 
 test: install
 	$(PY) -m pytest -q tests

@@ -166,15 +166,10 @@ def _ls(sub):
     p.set_defaults(func=run)
 
 
-def _train(sub):
-    p = sub.add_parser(
-        "train",
-        help="fine-tune a model: full fine-tuning or transfer learning, from a YAML config",
-        description="Fine-tune from a YAML config (see configs/); key=value overrides, e.g. "
-        "optim.lr=1e-4 freeze.top_blocks=2. Runs data-parallel under torchrun.",
-    )
+def _recipe_args(p, example: str) -> None:
+    """The arguments every config-driven recipe takes (pyfast train, pyfast align)."""
     p.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. max_steps=100)")
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides (e.g. {example})")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -184,25 +179,78 @@ def _train(sub):
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
 
+
+def _run_recipe(args, load_config, recipe_cls):
+    """(config, summary) of a recipe run; summary None for --print-config and on ranks > 0."""
+    import yaml
+
+    from pyfast.train import TrainingStopped
+    from pyfast.train.config import to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return cfg, None
+    try:
+        summary = recipe_cls(cfg, resume=args.resume).run()
+    except TrainingStopped as exc:
+        raise ValueError(str(exc)) from None
+    return cfg, summary if os.environ.get("RANK", "0") == "0" else None
+
+
+def _train(sub):
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model: full fine-tuning or transfer learning, from a YAML config",
+        description="Fine-tune from a YAML config (see configs/); key=value overrides, e.g. "
+        "optim.lr=1e-4 freeze.top_blocks=2. Runs data-parallel under torchrun.",
+    )
+    _recipe_args(p, "max_steps=100")
+
     def run(args):
-        import yaml
+        from pyfast.train import Recipe, load_config
 
-        from pyfast.train import Recipe, TrainingStopped, load_config
-        from pyfast.train.config import to_dict
-
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return
-        try:
-            summary = Recipe(cfg, resume=args.resume).run()
-        except TrainingStopped as exc:
-            raise ValueError(str(exc)) from None
-        if os.environ.get("RANK", "0") == "0":
+        cfg, summary = _run_recipe(args, load_config, Recipe)
+        if summary is not None:
             print(
                 f"done: {summary['steps']} steps, final train loss {summary['final_loss']:.4f}, "
                 f"{summary['tokens_per_s']:.0f} tokens/s; {summary['stop_reason']}; "
                 f"model in {cfg.output_dir}/final"
+            )
+
+    p.set_defaults(func=run)
+
+
+def _align(sub):
+    p = sub.add_parser(
+        "align",
+        help="align a model on preference pairs: DPO (sigmoid/ipo/hinge), SimPO, ORPO, reward",
+        description="Preference alignment from a YAML config (see configs/align/); "
+        "key=value overrides, e.g. align.method=simpo align.beta=2. Same loop, checkpoints and "
+        "--resume as pyfast train.",
+    )
+    _recipe_args(p, "align.beta=0.2")
+
+    def run(args):
+        from pyfast.align.config import load_config
+        from pyfast.align.recipe import AlignRecipe
+
+        cfg, summary = _run_recipe(args, load_config, AlignRecipe)
+        if summary is None:
+            return
+        print(
+            f"done: {summary['steps']} steps ({cfg.align.method}), final train loss "
+            f"{summary['final_loss']:.4f}; {summary['stop_reason']}; "
+            f"model in {cfg.output_dir}/final"
+        )
+        held = summary.get("heldout")
+        if held:
+            b, a = held["before"], held["after"]
+            print(
+                f"held-out preference accuracy: {b['eval_preference_accuracy']:.3f} (step "
+                f"{b['step']}) -> {a['eval_preference_accuracy']:.3f} (step {a['step']}); "
+                f"rewards/accuracies {b['eval_rewards/accuracies']:.3f} -> "
+                f"{a['eval_rewards/accuracies']:.3f}"
             )
 
     p.set_defaults(func=run)
@@ -217,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval(sub)
     _ls(sub)
     _train(sub)
+    _align(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Per-sequence log-probs of chosen and rejected answers, through the fused log-prob kernel.
+
+Two batch layouts, one result (:class:`PairLogps`):
+
+- concatenated (:func:`pyfast.align.data.collate_pairs`): chosen and rejected rows, each prompt +
+  answer, go through the model in one (2B, T) forward;
+- shared prompt (:func:`pyfast.align.data.collate_shared_prompt`, the recipe's default): each
+  prompt runs once, (B, P), and its key/value cache is repeated for the two answers, which run
+  as one (2B, A) forward on top of it. Chosen and rejected share their prompt, so the prompt's
+  tokens cost once instead of twice, forward and backward (gradients flow through the cache).
+
+Either way only the hidden states of answer tokens reach the head: they are gathered into an
+(M, D) matrix and scored by :func:`pyfast.ops.linear_token_logprobs` against the lm_head weight,
+so neither the logits nor a full-vocabulary log-softmax ever exists, and prompt/padding rows cost
+no head work.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pyfast.align.data import IGNORE_INDEX
+from pyfast.ops import linear_token_logprobs
+from pyfast.ops.token_logprobs import _check_plain_head
+from pyfast.train.recipe import causal_lm_hidden
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PairLogps:
+    """Summed answer log-probs and answer lengths, (B,) each, for chosen and rejected."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+    def averaged(self) -> tuple[Tensor, Tensor]:
+        """Token-averaged log-probs (log pi(y|x) / |y|), as IPO, SimPO and ORPO use."""
+        return (
+            self.chosen / self.chosen_tokens.clamp(min=1),
+            self.rejected / self.rejected_tokens.clamp(min=1),
+        )
+
+    def nll_chosen(self) -> Tensor:
+        """Mean next-token NLL over all chosen answer tokens of the batch (ORPO's SFT term)."""
+        return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
+
+
+def _score(model: torch.nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs (N,) and scored-token counts (N,) of `labels` (N, T) given the hidden
+    states (N, T, D) that predict them (IGNORE_INDEX: not scored)."""
+    scored = labels != IGNORE_INDEX
+    rows = scored.nonzero()[:, 0]  # (M,) row of each scored token
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    h = hidden[scored]  # (M, D)
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    logprobs, _, _ = linear_token_logprobs(h, weight, labels[scored], bias)  # (M,)
+    n = hidden.shape[0]
+    sums = torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
+    return sums, scored.sum(-1)
+
+
+def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+    from transformers import DynamicCache
+
+    body = model.get_decoder()
+    # transformers 5.x renames past_key_values to cache; the cache object is updated in place.
+    key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    pmask, amask = batch["prompt_mask"], batch["answer_mask"]  # (B, P), (2B, A)
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+    out = body(input_ids=batch["prompt_ids"], attention_mask=pmask, position_ids=ppos,
+               use_cache=True, **{key: cache})  # fmt: skip
+    cache.batch_repeat_interleave(2)  # (2B, ...): rows 2i, 2i + 1 continue prompt i
+    a_len = amask.shape[1]
+    start = pmask.sum(-1).repeat_interleave(2)  # (2B,) first answer position
+    apos = start[:, None] + torch.arange(a_len, device=start.device)[None]  # (2B, A)
+    mask = torch.cat([pmask.repeat_interleave(2, 0), amask], 1)  # (2B, P + A)
+    h_ans = body(input_ids=batch["answer_ids"], attention_mask=mask, position_ids=apos,
+                 use_cache=True, **{key: cache}).last_hidden_state  # (2B, A, D)  # fmt: skip
+    # Answer token 0 is predicted by the prompt's last state, token t by the answer's state t - 1.
+    first = out.last_hidden_state[:, -1:].repeat_interleave(2, 0)  # (2B, 1, D)
+    hidden = torch.cat([first, h_ans[:, :-1]], 1)  # (2B, A, D)
+    labels = batch["answer_ids"].masked_fill(amask == 0, IGNORE_INDEX)
+    sums, counts = _score(model, hidden, labels)
+    return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+    """Summed log pi(answer | prompt) of chosen and rejected answers of a pair batch (either
+    layout, see the module docstring), differentiable.
+
+    `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
+    """
+    _check_plain_head(model)
+    if "prompt_ids" in batch:
+        return _shared_prompt_logps(model, batch)
+    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): token t + 1
+    sums, counts = _score(model, hidden, shifted)
+    b = hidden.shape[0] // 2
+    return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+
+
+def pair_rewards(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Scalar rewards (B,) of chosen and rejected rows: the model's new scalar head
+    (``score_head``, see :func:`pyfast.train.freeze.add_scalar_head`) on each row's last real
+    token's hidden state (rows are right-padded). Differentiable; float32.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score_head", None)
+    if head is None:
+        raise ValueError("reward model: the model has no scalar head (set freeze.new_head=scalar)")
+    hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    last = batch["attention_mask"].sum(-1).clamp(min=1) - 1  # (2B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (2B, D)
+    r = head(h.to(head.weight.dtype)).squeeze(-1).float()
+    b = r.shape[0] // 2
+    return r[:b], r[b:]
