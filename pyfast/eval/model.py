@@ -146,7 +146,9 @@ class HFLM(LM):
         max_length: context window; default from the config like lm-eval.
         packing: score packed prefix-tree rows (None: wherever the model's attention takes a
             custom 4-D mask); False: context pass + KV cache expanded over the continuations.
-        row_tokens: tokens per packed row (a longer group gets a row of its own).
+        row_tokens: tokens per packed row (a longer group gets a row of its own); default 128
+            on CPU, where the masked attention over a row costs in proportion to its length
+            (measured: 128-token rows 10-15% faster than 512 on ARC and HellaSwag), 512 elsewhere.
         min_shared: fewest leading tokens groups must share to be scored as one prefix tree.
     """
 
@@ -159,7 +161,7 @@ class HFLM(LM):
         dtype: str | None = None,
         max_length: int | None = None,
         packing: bool | None = None,
-        row_tokens: int = 512,
+        row_tokens: int | None = None,
         min_shared: int = 16,
     ):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -195,7 +197,8 @@ class HFLM(LM):
         if packing and not supported:
             raise ValueError(f"HFLM: packing is not supported for this model: {self._no_packing}")
         self.packed = supported if packing is None else packing
-        self.row_tokens, self.min_shared = row_tokens, max(1, min_shared)
+        self.row_tokens = row_tokens or (128 if self.device.type == "cpu" else 512)
+        self.min_shared = max(1, min_shared)
         if batch_size == "auto":
             batch_size = self._auto_batch_size()
         if int(batch_size) < 1:
