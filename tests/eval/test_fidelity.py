@@ -23,7 +23,8 @@ SPLITS = {"hellaswag": "train"}
 
 
 def _references():
-    """The log-likelihood references (gsm8k.json and generation.json are read by their tests)."""
+    """The multiple-choice references (per-request log-likelihoods); gsm8k.json and
+    generation.json hold generation references."""
     refs = {p.stem: json.loads(p.read_text()) for p in sorted(REFERENCE.glob("*.json"))}
     return {name: ref for name, ref in refs.items() if "requests" in ref}
 
@@ -76,7 +77,7 @@ def test_gsm8k_generations_equal_lm_eval():
     """5-shot greedy GSM8K with the default model: same prompts, generations, extracted answers
     and exact_match as lm-eval 0.4.13's HF backend (tests/data/lm_eval_reference/gsm8k.json).
 
-    The prompts of all stored documents are compared; the model generates (in one batch) only
+    The prompts of all stored documents are compared; the model generates only
     the DOCS_RUN documents with the shortest reference answers, to keep the test fast on a CPU.
     """
     ref = json.loads((REFERENCE / "gsm8k.json").read_text())
@@ -85,7 +86,7 @@ def test_gsm8k_generations_equal_lm_eval():
     docs = pool[: len(ref["docs"])]
     ctxs = task.contexts(docs, pool, ref["num_fewshot"], 1234, same_split=True)
     assert ctxs == [d["context"] for d in ref["docs"]]
-    run = sorted(ref["docs"], key=lambda d: len(d["generation"]))[: DOCS_RUN + 1]
+    run = sorted(ref["docs"], key=lambda d: len(d["generation"]))[:DOCS_RUN]
     lm = HFLM("default", batch_size=len(run))
     got = lm.generate_until([(d["context"], task.generation_kwargs) for d in run])
     for want, text in zip(run, got, strict=True):
