@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written result or checkpoint."""
+"""File I/O shared by every command: atomic writes (a reader never sees a half-written result or
+checkpoint) and JSONL parsing with errors that name file and line."""
 
 from __future__ import annotations
 
@@ -48,3 +49,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def parse_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSONL `text` read from `path`.
+
+    Raises ValueError naming ``path:line`` for a malformed line or one that is not an object.
+    """
+    rows = []
+    # Split on "\n" only: str.splitlines would also split at U+2028 and other characters that
+    # JSON strings may hold unescaped.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
+    return rows

@@ -6,8 +6,9 @@ Every local file read is hashed (sha256) so results record exactly which bytes w
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from pyfast.io import parse_jsonl
 
 
 class DataStore:
@@ -57,19 +58,7 @@ class DataStore:
             )
         raw = path.read_bytes()
         self.hashes[str(path)] = hashlib.sha256(raw).hexdigest()
-        rows = []
-        for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
+        rows = [row for _, row in parse_jsonl(raw.decode("utf-8"), path)]
         self._cache[key] = rows
         return rows
 

@@ -34,7 +34,14 @@ from typing import ClassVar
 from pyfast.eval import metrics
 from pyfast.eval.data import DataStore
 from pyfast.eval.generation import normalize_gen_kwargs
-from pyfast.eval.task import FEWSHOT_DELIMITER, TARGET_DELIMITER, register_kind, sample_fewshot
+from pyfast.eval.task import (
+    FEWSHOT_DELIMITER,
+    TARGET_DELIMITER,
+    format_prompt,
+    process_rows,
+    register_kind,
+    sample_fewshot,
+)
 from pyfast.eval.tasks.processors import PROCESSORS
 
 
@@ -136,24 +143,13 @@ class GenerateTask:
         return self.fewshot_samples is None
 
     def _format(self, template: str, doc: dict) -> str:
-        try:
-            return template.format(**doc)
-        except (KeyError, IndexError) as exc:
-            raise ValueError(
-                f"task {self.name}: prompt needs field {exc} missing in a row"
-            ) from None
+        return format_prompt(self.name, template, doc)
 
     def docs(self, store: DataStore, split: str) -> list[dict]:
         rows = store.load(self.data, split, self.name)
         if self.process is None:
             return [dict(r) for r in rows]
-        process, out = PROCESSORS[self.process], []
-        for i, row in enumerate(rows):
-            try:
-                out.append(process(row))
-            except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"task {self.name}: {split} row {i + 1}: {exc}") from None
-        return out
+        return process_rows(self.name, split, rows, self.process)
 
     def contexts(
         self,

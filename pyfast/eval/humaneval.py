@@ -14,7 +14,6 @@ every program runs in its own sandboxed process (pyfast/eval/sandbox.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from pyfast.eval import metrics
 from pyfast.eval.data import DataStore
 from pyfast.eval.sandbox import Limits, run_programs
+from pyfast.io import parse_jsonl
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 GREEDY_MAX_GEN_TOKS = 256
@@ -91,15 +91,7 @@ def read_completions(path: str | Path, problems: list[dict]) -> dict[str, list[s
         raise FileNotFoundError(f"completions file not found: {path}")
     known = {p["task_id"] for p in problems}
     out: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, row in parse_jsonl(path.read_text(encoding="utf-8"), path):
         for key in ("task_id", "completion"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{path}:{lineno}: missing or non-string field {key!r}")

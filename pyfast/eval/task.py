@@ -114,6 +114,26 @@ def sample_fewshot(
     return out
 
 
+def format_prompt(task: str, template: str, doc: dict) -> str:
+    """``template.format(**doc)``; a missing field raises ValueError naming task and field."""
+    try:
+        return template.format(**doc)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"task {task}: prompt needs field {exc} missing in a row") from None
+
+
+def process_rows(task: str, split: str, rows: list[dict], process: str) -> list[dict]:
+    """Rows through the doc processor `process`; a bad row raises ValueError naming task,
+    split and row number."""
+    fn, out = PROCESSORS[process], []
+    for i, row in enumerate(rows):
+        try:
+            out.append(fn(row))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"task {task}: {split} row {i + 1}: {exc}") from None
+    return out
+
+
 @register_kind("multiple_choice")
 @dataclass
 class Task:
@@ -135,26 +155,14 @@ class Task:
     num_fewshot: int = 0
 
     def _format(self, template: str, doc: dict) -> str:
-        try:
-            return template.format(**doc)
-        except (KeyError, IndexError) as exc:
-            raise ValueError(
-                f"task {self.name}: prompt needs field {exc} missing in a row"
-            ) from None
+        return format_prompt(self.name, template, doc)
 
     def docs(self, store: DataStore, split: str) -> list[dict]:
         """Processed rows of `split` (only this subject's rows for MMLU subjects)."""
         rows = store.load(self.data, split, self.name)
         if self.subject is not None:
             rows = [r for r in rows if r.get("subject", self.subject) == self.subject]
-        process = PROCESSORS[self.process]
-        out = []
-        for i, row in enumerate(rows):
-            try:
-                out.append(process(row))
-            except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"task {self.name}: {split} row {i + 1}: {exc}") from None
-        return out
+        return process_rows(self.name, split, rows, self.process)
 
     def contexts(
         self,

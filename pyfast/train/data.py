@@ -21,13 +21,13 @@ Each example becomes ``input_ids`` and ``labels`` (-100 on prompt tokens unless
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pyfast.io import parse_jsonl
 from pyfast.train.config import DataConfig
 
 IGNORE_INDEX = -100
@@ -86,21 +86,8 @@ def read_jsonl(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            rows.append(Row(obj, f"{path}:{lineno}"))
-    return rows
+    text = path.read_text(encoding="utf-8")
+    return [Row(obj, f"{path}:{lineno}") for lineno, obj in parse_jsonl(text, path)]
 
 
 def read_hf(name: str, config: str | None, split: str) -> list[Row]:
