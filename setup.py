@@ -28,6 +28,8 @@ CPU_SOURCES = [
     "csrc/cpu/grad_mask.cpp",
     "csrc/cpu/token_logprobs.cpp",
     "csrc/cpu/linear_token_logprobs.cpp",
+    "csrc/cpu/rms_norm.cpp",
+    "csrc/cpu/swiglu.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/fused_adamw.cu",

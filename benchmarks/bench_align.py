@@ -14,10 +14,16 @@ log 2 of policy == reference).
 - TRL (`DPOTrainer`, default `precompute_ref_log_probs=False`): the reference model is held in
   memory and runs a no-grad forward every step; one step is `trainer.training_step` (its own
   forward/backward) plus `trainer.optimizer.step()`.
-- pyfast: the reference log-probs are computed once (as pyfast.align.reference caches them), the
-  reference model is then freed; one step is the pair log-probs (each prompt runs once and its
-  key/value cache serves both answers; the fused head scores answer tokens only),
-  :func:`pyfast.align.losses.dpo_loss`, backward and FusedAdamW.
+- pyfast: as its alignment recipe, one model is loaded; its log-probs of the batch are computed
+  once (the reference, as pyfast.align.reference caches them), then it becomes the policy (the
+  noise is added in place). One step is the pair log-probs (each prompt runs once and its
+  key/value cache serves both answers; the fused head scores answer tokens only; RMSNorm and MLP
+  through pyfast.ops.fused_blocks), :func:`pyfast.align.losses.dpo_loss`, backward and
+  FusedAdamW with its update fused into backward (FusedAdamW.update_in_backward: each gradient
+  is used and freed as soon as it is complete; TRL's training_step + optimizer.step does not clip,
+  so the update is the same). A second pyfast row ("update after backward") measures the memory
+  of the plain FusedAdamW.step() after backward; its times are the same work and are not
+  re-measured. TRL runs the stock transformers modules.
 
 Memory: each side runs in its own fresh subprocess (one after the other, in this one invocation),
 so peak memories do not mix: the peak resident memory of the whole job above the process's
@@ -54,18 +60,23 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
-def _load(model_spec: str, noise: bool):
+def _load(model_spec: str, noise: bool, fuse_blocks: bool):
     from pyfast.models import load_model
 
-    model, tok, _ = load_model(model_spec)
+    model, tok, _ = load_model(model_spec, fuse_blocks=fuse_blocks)
     if noise:
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * (0.05 * p.float().std().item()))
+        _add_noise(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _add_noise(model) -> None:
+    """The policy: the loaded weights plus seeded noise (the same for every caller)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.05 * p.float().std().item()))
 
 
 def _measure(setup_and_warm, step, rounds: int) -> dict:
@@ -103,8 +114,8 @@ def _trl_trainer(args):
 
     rows = [json.loads(x) for x in DATA.read_text(encoding="utf-8").splitlines()]
     rows = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()][: args.pairs]
-    ref, tok = _load(args.model, noise=False)
-    policy, _ = _load(args.model, noise=True)
+    ref, tok = _load(args.model, noise=False, fuse_blocks=False)
+    policy, _ = _load(args.model, noise=True, fuse_blocks=False)
     cfg = trl.DPOConfig(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.pairs,
@@ -177,20 +188,32 @@ def _pairs_of(saved: dict) -> list:
 
 
 def _pyfast_state(args, ref=None) -> dict:
-    """Reference log-probs of TRL's batch (then the reference is dropped), policy, FusedAdamW."""
+    """Reference log-probs of TRL's batch, then the policy and FusedAdamW.
+
+    As the alignment recipe does, one model is loaded: its log-probs are the reference (computed
+    once, before training), then it becomes the policy (here: plus the benchmark's noise). With
+    `ref` (the interleaved timing worker, which holds TRL's reference anyway) that model serves
+    as the reference and the policy is loaded separately.
+    """
     from pyfast.align.data import collate_shared_prompt
     from pyfast.align.logps import pair_logps
     from pyfast.optim import FusedAdamW
 
     batch = collate_shared_prompt(_pairs_of(torch.load(args.batch_file)), pad_id=0)
-    ref = ref if ref is not None else _load(args.model, noise=False)[0]
+    model = ref if ref is not None else _load(args.model, noise=False, fuse_blocks=True)[0]
     with torch.no_grad():
-        lp = pair_logps(ref.eval(), batch)
+        lp = pair_logps(model.eval(), batch)
     ref_logps = (lp.chosen.float(), lp.rejected.float())
-    del ref, lp
-    policy, _ = _load(args.model, noise=True)
+    if ref is None:
+        policy = model
+        _add_noise(policy)
+    else:
+        policy, _ = _load(args.model, noise=True, fuse_blocks=True)
+    del model, lp
     policy.train()
     opt = FusedAdamW(policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype)
+    if args.in_backward:
+        opt.update_in_backward()  # TRL's step does not clip either: the same update
     return {"policy": policy, "batch": batch, "ref": ref_logps, "opt": opt}
 
 
@@ -238,7 +261,9 @@ def worker_interleaved(args) -> dict:
     return out
 
 
-def _run_worker(provider: str, args, batch_file: str, state_dtype: str | None = None) -> dict:
+def _run_worker(
+    provider: str, args, batch_file: str, state_dtype: str | None = None, in_backward: bool = True
+) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, __file__, "--worker", provider, "--worker-out", out,
@@ -246,6 +271,7 @@ def _run_worker(provider: str, args, batch_file: str, state_dtype: str | None = 
            "--max-length", str(args.max_length), "--rounds", str(args.rounds)]  # fmt: skip
     if state_dtype:
         cmd += ["--state-dtype", state_dtype]
+    cmd += ["--in-backward", str(int(in_backward))]
     subprocess.run(cmd, check=True)
     return json.loads(Path(out).read_text())
 
@@ -262,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument("--state-dtype", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--in-backward", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.worker:
@@ -277,6 +304,8 @@ def main(argv=None) -> int:
     batch_file = os.path.join(tempfile.mkdtemp(), "batch.pt")
     rows = {"trl": _run_worker("trl", args, batch_file)}  # writes the batch pyfast reuses
     rows["pyfast"] = _run_worker("pyfast", args, batch_file)
+    rows["pyfast, update after backward"] = _run_worker("pyfast", args, batch_file,
+                                                        in_backward=False)  # fmt: skip
     if args.bf16_state:
         rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
     # Times: both providers alternating in one process (the separate workers' times are kept in
@@ -284,7 +313,7 @@ def main(argv=None) -> int:
     timing = _run_worker("interleaved", args, batch_file)
     for name, r in rows.items():
         r["separate_median_s"], r["separate_min_s"] = r.pop("median_s"), r.pop("min_s")
-        t = timing["trl" if name == "trl" else "pyfast"]
+        t = timing["trl" if name == "trl" else "pyfast"]  # the same work for every pyfast row
         r["median_s"], r["min_s"], r["times_s"] = t["median_s"], t["min_s"], t["times_s"]
     saved = torch.load(batch_file)
     trl_row = rows["trl"]

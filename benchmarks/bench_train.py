@@ -56,7 +56,8 @@ def run_provider(args) -> dict:
     from pyfast.models import load_model
 
     torch.manual_seed(0)
-    model, tok, _ = load_model(args.model)
+    # the plain loop runs the stock transformers modules; pyfast its fused RMSNorm / SwiGLU MLP
+    model, tok, _ = load_model(args.model, fuse_blocks=args.provider == "pyfast")
     model.train()
     data = batches(tok, args.batch, args.seq, args.steps)
     autocast = (

@@ -43,6 +43,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::opti
 linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                     const at::Tensor& labels, const std::optional<at::Tensor>& bias,
                                     int64_t ignore_index, const at::Tensor& grad_logprobs);
+// rms_norm: Llama-family RMSNorm (y, per-row rstd); rms_norm_backward -> (grad_x, grad_weight).
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& rstd);
+// swiglu: silu(gate) * up; swiglu_backward -> (grad_gate, grad_up).
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
+                                                       const at::Tensor& gate,
+                                                       const at::Tensor& up);
 
 #ifdef PYFAST_WITH_CUDA
 void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,

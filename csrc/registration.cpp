@@ -64,4 +64,15 @@ TORCH_LIBRARY(pyfast, m) {
       "linear_token_logprobs_with_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
       "int ignore_index, Tensor grad_logprobs) -> (Tensor logprobs, Tensor is_argmax, "
       "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
+
+  // RMSNorm of Llama-family decoders over the last dimension: y = weight * (x * rstd), rstd =
+  // 1 / sqrt(mean(x^2) + eps) per row (float32; float64 for float64 x), rounded as transformers'
+  // LlamaRMSNorm. float32 / bfloat16 / float64; weight has x's dtype and shape [x.size(-1)].
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> "
+      "(Tensor grad_x, Tensor grad_weight)");
+  // SwiGLU gate: silu(gate) * up, elementwise (same shape and dtype); backward from gate and up.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
 }

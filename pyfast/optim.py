@@ -36,6 +36,9 @@ class FusedAdamW(torch.optim.Optimizer):
       shape ``(param.shape[0],)`` (per row, e.g. embedding rows); true = trainable. Frozen entries
       get no update, no weight decay, and their moments stay exactly unchanged; frozen rows are not
       even read. The norm for clipping counts trainable entries only.
+    * :meth:`update_in_backward`: each parameter is updated, and its gradient freed, as soon as
+      backward has completed that gradient, so the gradients never all exist at once (without
+      clipping or gradient accumulation, which need every gradient first).
     * ``state_dtype=torch.bfloat16``: keep exp_avg and exp_avg_sq in bfloat16 — half the state
       memory and 20 instead of 28 bytes moved per fp32 parameter. The math stays fp32, but the
       moments are rounded to 8 significant bits each step: the update direction then carries a
@@ -87,6 +90,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.last_grad_norm: Tensor | None = None
         self._masks: dict[int, Tensor] = {}
         self.set_masks(masks or {})
+        self._backward_hooks: list = []
 
     # -- masks -----------------------------------------------------------------------------
     def set_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
@@ -179,38 +183,90 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         scale = self.clip_coefficient() if self.max_grad_norm is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            if group.get("maximize") or group.get("amsgrad"):
-                raise ValueError("FusedAdamW supports neither maximize nor amsgrad")
-            buckets: dict[tuple, tuple[list, list, list, list, list]] = defaultdict(
-                lambda: ([], [], [], [], [])
-            )
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p)
-                state["step"] += 1
-                step = int(state["step"].item())
-                key = (p.device, p.dtype, state["exp_avg"].dtype, step)
-                ps, gs, ms, vs, masks = buckets[key]
-                ps.append(p)
-                gs.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                masks.append(self._masks.get(id(p)))
-            for (device, _, _, step), (ps, gs, ms, vs, masks) in buckets.items():
-                fused_adamw_(
-                    ps,
-                    gs,
-                    ms,
-                    vs,
-                    masks if any(m is not None for m in masks) else [],
-                    float(group["lr"]),
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    group["weight_decay"],
-                    step,
-                    None if scale is None else scale.to(device),
-                )
+            self._update(group, group["params"], scale)
         return loss
+
+    def _update(self, group: dict, params: Iterable[Tensor], scale: Tensor | None) -> None:
+        """The fused update of `params` (those with a gradient) of one param group."""
+        beta1, beta2 = group["betas"]
+        if group.get("maximize") or group.get("amsgrad"):
+            raise ValueError("FusedAdamW supports neither maximize nor amsgrad")
+        buckets: dict[tuple, tuple[list, list, list, list, list]] = defaultdict(
+            lambda: ([], [], [], [], [])
+        )
+        for p in params:
+            if p.grad is None:
+                continue
+            state = self._init_state(p)
+            state["step"] += 1
+            step = int(state["step"].item())
+            key = (p.device, p.dtype, state["exp_avg"].dtype, step)
+            ps, gs, ms, vs, masks = buckets[key]
+            ps.append(p)
+            gs.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            masks.append(self._masks.get(id(p)))
+        for (device, _, _, step), (ps, gs, ms, vs, masks) in buckets.items():
+            fused_adamw_(
+                ps,
+                gs,
+                ms,
+                vs,
+                masks if any(m is not None for m in masks) else [],
+                float(group["lr"]),
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+                step,
+                None if scale is None else scale.to(device),
+            )
+
+    # -- update fused into backward ------------------------------------------------------------
+    def update_in_backward(self) -> None:
+        """From now on, update each parameter inside ``loss.backward()``, as soon as its gradient
+        is complete (a post-accumulate-grad hook), then free that gradient: the parameters'
+        gradients never all exist at once, which lowers the peak memory of a step by up to their
+        size. The update is the one :meth:`step` would make (same math, same lr at the time of
+        backward); :meth:`step` and ``zero_grad`` then have nothing left to do. Tied parameters
+        are updated once, after all their uses' gradients have been summed.
+
+        Only for one backward per update: clipping (``max_grad_norm``) needs the global norm of
+        every gradient first, and gradient accumulation needs gradients to persist.
+
+        Raises:
+            ValueError: ``max_grad_norm`` is set.
+        """
+        if self.max_grad_norm is not None:
+            raise ValueError(
+                "FusedAdamW.update_in_backward: gradient clipping (max_grad_norm="
+                f"{self.max_grad_norm}) needs every gradient before the first update; "
+                "set max_grad_norm=None to update in backward"
+            )
+        if self._backward_hooks:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    hook = p.register_post_accumulate_grad_hook(self._backward_hook(group))
+                    self._backward_hooks.append(hook)
+
+    def _backward_hook(self, group: dict):
+        @torch.no_grad()
+        def hook(p: Tensor) -> None:
+            self._update(group, [p], None)
+            p.grad = None
+
+        return hook
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether :meth:`update_in_backward` is in effect."""
+        return bool(self._backward_hooks)
+
+    def remove_backward_hooks(self) -> None:
+        """Back to updates in :meth:`step`."""
+        for h in self._backward_hooks:
+            h.remove()
+        self._backward_hooks = []

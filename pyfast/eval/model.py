@@ -150,6 +150,9 @@ class HFLM(LM):
             on CPU, where the masked attention over a row costs in proportion to its length
             (measured: 128-token rows 10-15% faster than 512 on ARC and HellaSwag), 512 elsewhere.
         min_shared: fewest leading tokens groups must share to be scored as one prefix tree.
+        fuse_blocks: when loading `model` by name, run its RMSNorm and SwiGLU-MLP modules through
+            pyfast's fused ops (see :func:`pyfast.models.load_model`); an in-memory model is used
+            as given.
     """
 
     def __init__(
@@ -163,12 +166,13 @@ class HFLM(LM):
         packing: bool | None = None,
         row_tokens: int | None = None,
         min_shared: int = 16,
+        fuse_blocks: bool = True,
     ):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from pyfast.models import load_model
 
             model, tokenizer, self.identity = load_model(
-                model, device=device or "cpu", dtype=dtype or "float32"
+                model, device=device or "cpu", dtype=dtype or "float32", fuse_blocks=fuse_blocks
             )
         else:
             if tokenizer is None:

@@ -124,3 +124,39 @@ def linear_token_logprobs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """matmul (hidden @ weight.T + bias, in the inputs' dtype) then token_logprobs."""
     return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, ignore_index)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Llama-family RMSNorm over the last dim: (weight * (x * rstd), rstd), rstd per row, in the
+    rounding order of transformers' LlamaRMSNorm (x * rstd in float32, cast back, times weight)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return weight * (xf * rstd.unsqueeze(-1)).to(x.dtype), rstd
+
+
+def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(d/dx, d/dweight) of rms_norm from the saved per-row rstd."""
+    acc = rstd.dtype
+    xf, r = x.to(acc), rstd.unsqueeze(-1)
+    n = xf * r
+    g = grad.to(acc) * weight.to(acc)
+    dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    dw = (grad.to(acc) * n.to(x.dtype).to(acc)).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, as transformers' Llama MLP computes it."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(d/dgate, d/dup) of swiglu: s = sigmoid(gate), dgate = grad * up * s * (1 + gate * (1 - s)),
+    dup = grad * silu(gate)."""
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    g, u, d = gate.to(acc), up.to(acc), grad.to(acc)
+    s = torch.sigmoid(g)
+    d_up = d * torch.nn.functional.silu(gate).to(acc)
+    d_gate = d * u * s * (1 + g * (1 - s))
+    return d_gate.to(gate.dtype), d_up.to(up.dtype)

@@ -28,6 +28,9 @@ class ModelConfig:
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
     gradient_checkpointing: bool = False
+    # RMSNorm and SwiGLU MLP through pyfast's fused ops (Llama-family models; same results, less
+    # activation memory): see pyfast.ops.fused_blocks
+    fused_blocks: bool = True
 
 
 @dataclass
@@ -102,6 +105,9 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     state_dtype: Literal["float32", "bfloat16"] = "float32"
+    # update each parameter inside backward and free its gradient at once (less peak memory);
+    # needs fused_adamw, max_grad_norm: null, grad_accum 1 and one process
+    update_in_backward: bool = False
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0

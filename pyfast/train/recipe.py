@@ -95,7 +95,10 @@ class Recipe:
         from pyfast.models import load_model
 
         model, tok, self.model_identity = load_model(
-            spec, device=self.cfg.device, dtype=self.cfg.model.dtype
+            spec,
+            device=self.cfg.device,
+            dtype=self.cfg.model.dtype,
+            fuse_blocks=self.cfg.model.fused_blocks,
         )
         return model, tok
 
@@ -221,8 +224,10 @@ class Recipe:
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         params = [p for _, p in self.plan.params]
+        if o.update_in_backward:
+            self._check_update_in_backward()
         if o.name == "fused_adamw":
-            return FusedAdamW(
+            opt = FusedAdamW(
                 params,
                 lr=o.lr,
                 betas=(o.beta1, o.beta2),
@@ -232,6 +237,9 @@ class Recipe:
                 masks=self.plan.masks,
                 state_dtype=torch.bfloat16 if o.state_dtype == "bfloat16" else torch.float32,
             )
+            if o.update_in_backward:
+                opt.update_in_backward()
+            return opt
         # torch.optim.AdamW: masked params get no weight decay; grad_mask_ zeroes their frozen
         # rows' gradients, so those rows' moments and updates stay exactly zero.
         masked = [p for p in params if p in self.plan.masks]
@@ -240,6 +248,22 @@ class Recipe:
         return torch.optim.AdamW(
             groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
+
+    def _check_update_in_backward(self) -> None:
+        cfg, why = self.cfg, None
+        if cfg.optim.name != "fused_adamw":
+            why = f"optim.name={cfg.optim.name} (it needs fused_adamw)"
+        elif cfg.optim.max_grad_norm:
+            why = (
+                f"optim.max_grad_norm={cfg.optim.max_grad_norm} (clipping needs every gradient "
+                "first; set it to null)"
+            )
+        elif cfg.grad_accum != 1:
+            why = f"grad_accum={cfg.grad_accum} (accumulation needs gradients to persist)"
+        elif self.world > 1:
+            why = f"{self.world} processes (gradients must be all-reduced before the update)"
+        if why:
+            raise ValueError(f"optim.update_in_backward=true cannot be used with {why}")
 
     # -- the loop ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list]:

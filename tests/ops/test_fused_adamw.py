@@ -350,3 +350,44 @@ def test_mixed_devices_rejected():
     grads[1] = grads[1].cuda()
     with pytest.raises(RuntimeError, match=r"grads\[1\] is on cuda"):
         torch.ops.pyfast.fused_adamw_(params, grads, m, v, [], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+
+
+def test_update_in_backward_equals_step_and_frees_gradients():
+    """Updates inside backward (post-accumulate-grad hooks) give bit-identical params to step(),
+    tied weights included, with masks, and leave no gradient behind."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    a = LlamaForCausalLM(cfg)
+    b = copy.deepcopy(a)
+    a.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a frozen module
+    b.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    rows = torch.rand(64) < 0.5  # trainable embedding rows (tied with the head)
+
+    def opt(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return FusedAdamW(params, lr=1e-2, weight_decay=0.1,
+                          masks={m.model.embed_tokens.weight: rows})  # fmt: skip
+
+    oa, ob = opt(a), opt(b)
+    ob.update_in_backward()
+    assert ob.updates_in_backward
+    for step in range(3):
+        ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(step))
+        a(ids, labels=ids).loss.backward()
+        oa.step()
+        oa.zero_grad()
+        b(ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in b.parameters())
+        ob.step()  # nothing left to do
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+    assert ob.state_dict()["state"].keys() == oa.state_dict()["state"].keys()
+    ob.remove_backward_hooks()
+    assert not ob.updates_in_backward
+    with pytest.raises(ValueError, match=r"update_in_backward: gradient clipping"):
+        FusedAdamW(list(a.parameters()), max_grad_norm=1.0).update_in_backward()

@@ -69,6 +69,24 @@ def test_accumulation_matches_one_big_batch(base_overrides, tmp_path):
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
 
 
+def test_update_in_backward_matches_step_and_checks_its_limits(base_overrides, tmp_path):
+    common = [*base_overrides, "eval.every=0", "save_final=false", "optim.max_grad_norm=null"]
+    a = Recipe(load_config(None, common))
+    a.run()
+    b = Recipe(load_config(None, [*common, "optim.update_in_backward=true",
+                                  f"output_dir={tmp_path / 'inbw'}"]))  # fmt: skip
+    b.run()
+    assert [h["loss"] for h in b.history] == [h["loss"] for h in a.history]
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for bad, key in [("optim.max_grad_norm=1.0", "optim.max_grad_norm=1.0"),
+                     ("grad_accum=2", "grad_accum=2"),
+                     ("optim.name=torch_adamw", "optim.name=torch_adamw")]:  # fmt: skip
+        r = Recipe(load_config(None, [*common, "optim.update_in_backward=true", bad]))
+        with pytest.raises(ValueError, match=rf"update_in_backward=true cannot be used with {key}"):
+            r.setup()
+
+
 def test_resume_reproduces_the_uninterrupted_curve(base_overrides, tmp_path):
     full = Recipe(load_config(None, [*base_overrides, f"output_dir={tmp_path / 'full'}"]))
     full.run()

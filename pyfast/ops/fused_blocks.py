@@ -1,0 +1,328 @@
+"""Fused RMSNorm and SwiGLU MLP for Llama-family decoder blocks (Llama, Mistral, Qwen2/3, SmolLM).
+
+- :func:`rms_norm`: ``torch.ops.pyfast.rms_norm`` — one pass instead of transformers' seven
+  kernels; autograd keeps the input and one float per row (not the normalised copy).
+- :func:`swiglu`: ``silu(gate) * up`` in one pass.
+- :func:`swiglu_mlp`: ``down(silu(gate(x)) * up(x))`` whose backward recomputes the product from
+  ``gate(x)`` and ``up(x)``: autograd keeps x, gate(x) and up(x) instead of also silu(gate(x)) and
+  the product — two (tokens, intermediate) tensors per layer fewer. The matmuls are torch's.
+- :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
+  for the module classes whose forward is exactly Llama's (same math, same rounding order), and
+  makes the decoder body keep each norm's output as a recipe for backward (recomputed from the
+  norm's input, which backward keeps anyway) instead of the tensor.
+
+Results equal the stock modules to float32 rounding (the row reduction order differs); they are
+checked against them, forward and backward, in tests/ops/test_fused_blocks.py. The compiled
+kernels serve CPU tensors; elsewhere (CUDA, or no ``_C``) the same autograd functions run on the
+pure-PyTorch twins in :mod:`pyfast.ops.reference`, so the memory saving holds on every device.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyfast._extension import HAS_C
+from pyfast.ops import reference
+
+Tensor = torch.Tensor
+
+# Module classes whose forward is transformers' LlamaRMSNorm / LlamaMLP line for line (checked
+# by tests/ops/test_fused_blocks.py against the installed transformers).
+RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# Decoder bodies (embeddings + layers + final norm) whose forward runs under _LeanNorms.
+BODY_CLASSES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
+
+
+def _compiled(t: Tensor) -> bool:
+    """The CPU kernels serve CPU tensors; other devices use the reference twins."""
+    return HAS_C and t.device.type == "cpu"
+
+
+def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if _compiled(x):
+        return torch.ops.pyfast.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def _rms_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    if _compiled(x):
+        return torch.ops.pyfast.rms_norm_backward(grad, x, weight, rstd)
+    return reference.rms_norm_backward(grad, x, weight, rstd)
+
+
+def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.ops.pyfast.swiglu(gate, up) if _compiled(gate) else reference.swiglu(gate, up)
+
+
+def _swiglu_bwd(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if _compiled(gate):
+        return torch.ops.pyfast.swiglu_backward(grad, gate, up)
+    return reference.swiglu_backward(grad, gate, up)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_bwd(grad.contiguous(), x, weight, rstd)
+        return dx, dw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return _swiglu_bwd(grad.contiguous(), gate, up)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` as transformers' LlamaRMSNorm, fused;
+    differentiable in x and weight (same dtype, weight of shape (x.shape[-1],))."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _rms_norm_fwd(x, weight, eps)[0]
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``, fused; differentiable in both."""
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return _swiglu_fwd(gate, up)
+    return _SwiGLU.apply(gate, up)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _SwiGLUMLP(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)); saves x, gate(x), up(x) and recomputes the product."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        # Autocast (if active) applies to these linears as in the stock module.
+        gate = F.linear(x, w_gate, b_gate)
+        up = F.linear(x, w_up, b_up)
+        out = F.linear(_swiglu_fwd(gate, up), w_down, b_down)
+        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in (b_gate, b_up, b_down)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        cdt = gate.dtype  # the forward's compute dtype (bfloat16 under autocast)
+        go = grad_out.to(cdt)
+        g_wg = g_wu = g_wd = g_bg = g_bu = g_bd = g_x = None
+        if need[3]:
+            g_wd = (_flat(go).t() @ _flat(_swiglu_fwd(gate, up))).to(w_down.dtype)
+        if need[6]:
+            g_bd = _flat(go).sum(0).to(ctx.bias_dtypes[2])
+        if any(need[i] for i in (0, 1, 2, 4, 5)):
+            d_gate, d_up = _swiglu_bwd((go @ w_down.to(cdt)).contiguous(), gate, up)
+            xc = _flat(x.to(cdt))
+            if need[1]:
+                g_wg = (_flat(d_gate).t() @ xc).to(w_gate.dtype)
+            if need[2]:
+                g_wu = (_flat(d_up).t() @ xc).to(w_up.dtype)
+            if need[4]:
+                g_bg = _flat(d_gate).sum(0).to(ctx.bias_dtypes[0])
+            if need[5]:
+                g_bu = _flat(d_up).sum(0).to(ctx.bias_dtypes[1])
+            if need[0]:
+                g_x = (d_gate @ w_gate.to(cdt)).add_(d_up @ w_up.to(cdt)).to(x.dtype)
+        return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd
+
+
+def swiglu_mlp(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)``
+    (a Llama MLP), keeping only x, gate(x) and up(x) for backward."""
+    tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _SwiGLUMLP.apply(*tensors)
+    return F.linear(_swiglu_fwd(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
+                    b_down)  # fmt: skip
+
+
+# -- swapping them into a model ------------------------------------------------------------------
+
+
+class _LeanNorms:
+    """Saved-tensor hooks for one forward of a decoder body: a fused RMSNorm's output that the
+    next layers save for backward (the q/k/v projections' and the MLP's input) is stored as the
+    recipe (norm input, weight, eps) instead — the input is kept by the norm's own backward
+    anyway — and recomputed, bit for bit, when backward unpacks it. One (tokens, hidden) tensor
+    per norm fewer stays alive between forward and backward, for one extra pass over it."""
+
+    _local = threading.local()
+
+    def __init__(self):
+        self.outputs: dict[int, tuple] = {}
+
+    @classmethod
+    def active(cls) -> _LeanNorms | None:
+        stack = getattr(cls._local, "stack", None)
+        return stack[-1] if stack else None
+
+    def record(self, y: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
+        self.outputs[y.data_ptr()] = (weakref.ref(y), x, weight, eps)
+
+    def pack(self, t: Tensor):
+        entry = self.outputs.get(t.data_ptr()) if self.outputs else None
+        if entry is not None:
+            y = entry[0]()
+            # the norm's output itself or a reshape of it (alive, so the address is its own)
+            if y is not None and t.numel() == y.numel() and t.dtype == y.dtype and t.is_contiguous():
+                return (_LeanNorms, entry[1], entry[2], entry[3], t.shape)
+        return t
+
+    @staticmethod
+    def unpack(packed):
+        if type(packed) is tuple and packed[0] is _LeanNorms:
+            _, x, weight, eps, shape = packed
+            with torch.no_grad():
+                return _rms_norm_fwd(x, weight, eps)[0].view(shape)
+        return packed
+
+    def __enter__(self):
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        self._local.stack.append(self)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self._local.stack.pop()
+        self.outputs.clear()
+        return False
+
+
+def _fused_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    if hidden_states.dtype != self.weight.dtype:  # mixed dtypes: the stock module's promotion
+        return type(self).forward(self, hidden_states)
+    y = rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    lean = _LeanNorms.active()
+    if lean is not None and y.requires_grad:
+        lean.record(y, hidden_states, self.weight, self.variance_epsilon)
+    return y
+
+
+def _lean_body_forward(self, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, *args, **kwargs)
+    with _LeanNorms():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _fused_mlp_forward(self, x: Tensor) -> Tensor:
+    g, u, d = self.gate_proj, self.up_proj, self.down_proj
+    # Wrapped projections (LoRA adapters, quantised layers) keep the stock path.
+    if not (type(g) is nn.Linear and type(u) is nn.Linear and type(d) is nn.Linear):
+        return type(self).forward(self, x)
+    return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias)
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def fuse_decoder_blocks(model: nn.Module) -> int:
+    """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
+    MLP_CLASSES) run the fused ops, and its decoder body (BODY_CLASSES) keep norm outputs as
+    recipes for backward (:class:`_LeanNorms`); returns how many modules were swapped.
+    Idempotent; other modules, and MLPs whose projections are wrapped (e.g. by LoRA), keep their
+    stock forward.
+
+    The swap is per instance (a bound ``forward``), so it survives ``copy.deepcopy`` and leaves
+    the classes — and every other model in the process — untouched; state dicts are unchanged.
+    """
+    n = 0
+    for m in model.modules():
+        name = type(m).__name__
+        if getattr(m, "_pyfast_fused", False):
+            n += 1
+        elif name in RMSNORM_CLASSES and hasattr(m, "variance_epsilon"):
+            m.forward = types.MethodType(_fused_norm_forward, m)
+        elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
+            m.forward = types.MethodType(_fused_mlp_forward, m)
+        elif name in BODY_CLASSES:
+            m.forward = types.MethodType(_lean_body_forward, m)
+        else:
+            continue
+        if not getattr(m, "_pyfast_fused", False):
+            m._pyfast_fused = True
+            n += 1
+    return n
+
+
+if HAS_C:
+
+    @torch.library.register_fake("pyfast::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=acc)
+
+    @torch.library.register_fake("pyfast::rms_norm_backward")
+    def _rms_norm_backward_fake(grad, x, weight, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("pyfast::swiglu")
+    def _swiglu_fake(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("pyfast::swiglu_backward")
+    def _swiglu_backward_fake(grad, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    def _rms_norm_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+
+    def _rms_norm_backward(ctx, grad_y, grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.pyfast.rms_norm_backward(grad_y.contiguous(), x, weight, rstd)
+        return dx, dw, None
+
+    torch.library.register_autograd(
+        "pyfast::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup
+    )
+
+    def _swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _swiglu_backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.pyfast.swiglu_backward(grad.contiguous(), gate, up)
+
+    torch.library.register_autograd(
+        "pyfast::swiglu", _swiglu_backward, setup_context=_swiglu_setup
+    )

@@ -1,0 +1,274 @@
+"""rms_norm, swiglu and the SwiGLU MLP against their reference twins and against the stock
+transformers modules they replace, forward and backward; opcheck, gradcheck, model swapping."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama import modeling_llama
+
+import pyfast
+from pyfast.ops import fused_blocks as fb
+from pyfast.ops import reference
+
+needs_c = pytest.mark.skipif(not pyfast.HAS_C, reason="compiled extension not available")
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+# Awkward shapes: one row, odd widths (SIMD tails), 3-D batches, a width below one SIMD vector.
+SHAPES = [(1, 576), (97, 33), (3, 7, 576), (5, 3), (2, 3, 100)]
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_reference(shape, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    w = torch.randn(shape[-1], dtype=torch.float64).to(dtype)
+    y, rstd = torch.ops.pyfast.rms_norm(x, w, 1e-5)
+    y_ref, rstd_ref = reference.rms_norm(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and rstd.shape == x.shape[:-1]
+    assert _rel(rstd, rstd_ref) < TOL[torch.float32 if dtype == torch.bfloat16 else dtype]
+    assert _rel(y, y_ref) <= TOL[dtype]
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    dx, dw = torch.ops.pyfast.rms_norm_backward(dy, x, w, rstd)
+    dx_ref, dw_ref = reference.rms_norm_backward(dy, x, w, rstd_ref)
+    assert _rel(dx, dx_ref) <= TOL[dtype] * 4 and _rel(dw, dw_ref) <= TOL[dtype] * 4
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_matches_reference(shape, dtype):
+    torch.manual_seed(1)
+    g, u, d = (torch.randn(shape, dtype=torch.float64).mul(4).to(dtype) for _ in range(3))
+    assert _rel(torch.ops.pyfast.swiglu(g, u), reference.swiglu(g, u)) <= TOL[dtype]
+    dg, du = torch.ops.pyfast.swiglu_backward(d, g, u)
+    dg_ref, du_ref = reference.swiglu_backward(d, g, u)
+    assert _rel(dg, dg_ref) <= TOL[dtype] * 4 and _rel(du, du_ref) <= TOL[dtype] * 4
+
+
+@needs_c
+def test_non_contiguous_inputs_and_zero_rows():
+    x = torch.randn(6, 40)[:, ::2]  # strided rows
+    w = torch.randn(40)[::2]
+    assert torch.allclose(fb.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6)[0], atol=1e-6)
+    g, u = torch.randn(20, 6).t(), torch.randn(6, 20)
+    assert torch.allclose(fb.swiglu(g, u), reference.swiglu(g, u), atol=1e-6)
+    y, rstd = torch.ops.pyfast.rms_norm(torch.empty(0, 8), torch.ones(8), 1e-6)
+    assert y.shape == (0, 8) and rstd.shape == (0,)
+    dx, dw = torch.ops.pyfast.rms_norm_backward(torch.empty(0, 8), torch.empty(0, 8),
+                                                torch.ones(8), rstd)  # fmt: skip
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8))
+
+
+@needs_c
+def test_opcheck_and_gradcheck():
+    x = torch.randn(5, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyfast.rms_norm.default, (x, w, 1e-6))
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.pyfast.rms_norm(a, b, 1e-6)[0], (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: fb.rms_norm(a, b, 1e-6), (x, w))
+    g = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyfast.swiglu.default, (g, u))
+    assert torch.autograd.gradcheck(torch.ops.pyfast.swiglu, (g, u))
+    assert torch.autograd.gradcheck(fb.swiglu, (g, u))
+    for op, args in [
+        (torch.ops.pyfast.rms_norm_backward.default, (x.detach(), x.detach(), w.detach(),
+                                                      torch.rand(5, dtype=torch.float64))),
+        (torch.ops.pyfast.swiglu_backward.default, (g.detach(), g.detach(), u.detach())),
+    ]:  # fmt: skip
+        torch.library.opcheck(op, args)
+
+
+def test_swiglu_mlp_gradcheck_with_biases():
+    """The MLP function (kernel on CPU, or the twins without _C) in float64, every input."""
+    torch.manual_seed(2)
+    t = [torch.randn(s, dtype=torch.float64, requires_grad=True)
+         for s in [(2, 3, 6), (8, 6), (8, 6), (6, 8), (8,), (8,), (6,)]]  # fmt: skip
+    assert torch.autograd.gradcheck(fb.swiglu_mlp, tuple(t))
+
+
+@needs_c
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight must have shape \[8\]"):
+        torch.ops.pyfast.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight must have x's dtype"):
+        torch.ops.pyfast.rms_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.float64), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm: x must be float32, bfloat16 or float64"):
+        torch.ops.pyfast.rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm_backward: rstd must be"):
+        torch.ops.pyfast.rms_norm_backward(torch.ones(2, 8), torch.ones(2, 8), torch.ones(8),
+                                           torch.ones(3))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"swiglu: up must have gate's shape"):
+        torch.ops.pyfast.swiglu(torch.randn(2, 8), torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match=r"swiglu_backward: grad must have gate's shape"):
+        torch.ops.pyfast.swiglu_backward(torch.randn(3), torch.randn(2), torch.randn(2))
+
+
+# -- the swapped modules against the stock transformers modules ---------------------------------
+
+
+def _pair(module, dtype):
+    torch.manual_seed(3)
+    module = module.to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 1.0))
+    fused = copy.deepcopy(module)
+    assert fb.fuse_decoder_blocks(fused) == 1
+    return module, fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["norm", "mlp"])
+def test_swapped_modules_match_transformers(kind, dtype):
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=176)
+    stock = modeling_llama.LlamaRMSNorm(64, 1e-5) if kind == "norm" else modeling_llama.LlamaMLP(cfg)
+    stock, fused = _pair(stock, dtype)
+    x = torch.randn(3, 11, 64).mul(2).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = stock(x1), fused(x2)
+    assert y2.dtype == y1.dtype and _rel(y2, y1) <= TOL[dtype]
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    tol = 4e-6 if dtype == torch.float32 else 2e-2
+    assert _rel(x2.grad, x1.grad) <= tol
+    for (name, a), (_, b) in zip(fused.named_parameters(), stock.named_parameters(), strict=True):
+        assert a.grad.dtype == b.grad.dtype and _rel(a.grad, b.grad) <= tol, name
+
+
+def test_mlp_under_bf16_autocast_and_frozen_weights():
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=176)
+    stock, fused = _pair(modeling_llama.LlamaMLP(cfg), torch.float32)
+    for m in (stock, fused):
+        m.up_proj.weight.requires_grad_(False)
+    x = torch.randn(2, 9, 64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = stock(x1), fused(x2)
+    assert y1.dtype == y2.dtype == torch.bfloat16 and torch.equal(y1, y2)
+    y1.float().square().sum().backward()
+    y2.float().square().sum().backward()
+    assert fused.up_proj.weight.grad is None
+    assert x2.grad.dtype == torch.float32 and _rel(x2.grad, x1.grad) < 2e-2
+    assert fused.gate_proj.weight.grad.dtype == torch.float32
+    assert _rel(fused.down_proj.weight.grad, stock.down_proj.weight.grad) < 2e-2
+
+
+def test_mlp_saves_fewer_activations():
+    """What autograd keeps for backward: x, gate(x), up(x) (+ weights), not silu and product."""
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=96)
+    stock, fused = _pair(modeling_llama.LlamaMLP(cfg), torch.float32)
+
+    def saved_bytes(m):
+        seen = {}
+
+        def pack(t):
+            if t.dim() > 1 and t.shape[-1] in (32, 96) and t.shape[0] == 40:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(40, 32, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x).sum().backward()
+        return sum(seen.values())
+
+    assert saved_bytes(fused) == 40 * (32 + 96 + 96) * 4
+    assert saved_bytes(stock) > saved_bytes(fused) + 40 * 96 * 4
+
+
+def test_swap_is_per_instance_deepcopy_safe_and_skips_lora():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = modeling_llama.LlamaForCausalLM(cfg)
+    # 2 norms + 1 MLP per layer, the final norm, the decoder body
+    assert fb.fuse_decoder_blocks(model) == 2 * 3 + 1 + 1
+    assert fb.fuse_decoder_blocks(model) == 8  # idempotent
+    assert modeling_llama.LlamaMLP.forward is not fb._fused_mlp_forward  # class untouched
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.down_proj.weight.zero_()
+    ids = torch.randint(0, 64, (1, 5))
+    # the copy's swapped forward uses the copy's weights
+    assert not torch.allclose(twin(ids).logits, model(ids).logits)
+    # a wrapped projection (as LoRA does) falls back to the stock forward
+    mlp = model.model.layers[1].mlp
+    stock_out = modeling_llama.LlamaMLP.forward(mlp, x := torch.randn(2, 32))
+    mlp.up_proj = nn.Sequential(mlp.up_proj)
+    assert torch.allclose(mlp(x), stock_out, atol=1e-6)
+
+
+def test_allowlisted_classes_are_llamas_line_for_line():
+    """The swap is only sound for modules whose forward is Llama's: check the installed source."""
+    import importlib
+
+    def body(cls):
+        return inspect.getsource(cls.forward).replace(cls.__name__, "X")
+
+    for names, base in [(fb.RMSNORM_CLASSES, "LlamaRMSNorm"), (fb.MLP_CLASSES, "LlamaMLP")]:
+        ref = body(getattr(modeling_llama, base))
+        for name in names:
+            family = name.removesuffix("RMSNorm").removesuffix("MLP").lower()
+            try:
+                mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+            except ImportError:
+                continue
+            assert body(getattr(mod, name)) == ref, name
+
+
+def test_whole_model_logits_and_loss_match():
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(4)
+    stock = modeling_llama.LlamaForCausalLM(cfg)
+    fused = copy.deepcopy(stock)
+    fb.fuse_decoder_blocks(fused)
+    ids = torch.randint(0, 96, (2, 13))
+    l1 = stock(ids, labels=ids).loss
+    l2 = fused(ids, labels=ids).loss
+    assert abs(l1.item() - l2.item()) < 1e-5
+    l1.backward()
+    l2.backward()
+    for (n, a), (_, b) in zip(fused.named_parameters(), stock.named_parameters(), strict=True):
+        assert _rel(a.grad, b.grad) < 1e-4, n
+    assert F.cosine_similarity(
+        fused.model.embed_tokens.weight.grad.flatten(), stock.model.embed_tokens.weight.grad.flatten(), 0
+    ) > 0.99999
+
+
+def test_norm_outputs_are_recomputed_not_kept():
+    """Between forward and backward the norm outputs are freed (the body's saved-tensor hooks
+    keep their recipe); gradients are bit-identical to keeping them."""
+    cfg = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(5)
+    lean = modeling_llama.LlamaForCausalLM(cfg)
+    fb.fuse_decoder_blocks(lean)
+    keep = copy.deepcopy(lean)
+    del keep.model.forward  # the body's stock forward: norm outputs saved as they are
+    ids = torch.randint(0, 80, (2, 9))
+    grads = []
+    for model, expect_alive in ((lean, False), (keep, True)):
+        outs = []
+        hook = model.model.layers[0].post_attention_layernorm.register_forward_hook(
+            lambda m, i, o: outs.append(__import__("weakref").ref(o))
+        )
+        loss = model(ids, labels=ids).loss
+        hook.remove()
+        assert (outs[0]() is not None) == expect_alive
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
