@@ -145,6 +145,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads (0: leave torch's default)
+    # under torchrun (WORLD_SIZE > 1): auto = ddp (replicas), fsdp = sharded (fully_shard)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 # -- checking ------------------------------------------------------------------------------------
@@ -332,3 +334,17 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if cfg.distributed == "fsdp":
+        refused = [
+            (cfg.freeze.embedding_rows, "freeze.embedding_rows (per-row masks of a sharded "
+             "embedding); train the whole embedding or use distributed=ddp"),
+            (cfg.freeze.lora.merge, "freeze.lora.merge (the adapters are saved unmerged; merge "
+             "the saved adapter afterwards)"),
+            (cfg.eval.tasks, "eval.tasks (benchmark scoring runs the unsharded model; score "
+             "the saved model with pyfast eval)"),
+            (cfg.optim.name != "fused_adamw", f"optim.name={cfg.optim.name} (FSDP trains with "
+             "optim.name=fused_adamw)"),
+        ]  # fmt: skip
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"distributed=fsdp does not support {what}")

@@ -40,11 +40,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def base_overrides(tiny_train_dir, tmp_path):
-    """Overrides for a fast run of the tiny model on the ARC test slice."""
+def tiny_run_overrides(model_dir: Path, output_dir: Path) -> list[str]:
+    """Overrides for a fast run of the tiny model at `model_dir` on the ARC test slice."""
     return [
-        f"model.name={tiny_train_dir}",
+        f"model.name={model_dir}",
         f"data.path={ARC_TRAIN}",
         "data.format=arc",
         "data.max_length=64",
@@ -56,5 +55,11 @@ def base_overrides(tiny_train_dir, tmp_path):
         "progress=false",
         "threads=1",  # tiny matmuls: a second thread only adds synchronisation
         "eval.every=3",
-        f"output_dir={tmp_path / 'run'}",
+        f"output_dir={output_dir}",
     ]
+
+
+@pytest.fixture
+def base_overrides(tiny_train_dir, tmp_path):
+    """Overrides for a fast run of the tiny model on the ARC test slice."""
+    return tiny_run_overrides(tiny_train_dir, tmp_path / "run")
