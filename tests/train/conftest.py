@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,28 @@ def tiny_run_overrides(model_dir: Path, output_dir: Path) -> list[str]:
 def base_overrides(tiny_train_dir, tmp_path):
     """Overrides for a fast run of the tiny model on the ARC test slice."""
     return tiny_run_overrides(tiny_train_dir, tmp_path / "run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of `world` (rendezvous on localhost:`port`)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+
+
+def spawn_ranks(fn, *args) -> None:
+    """Runs ``fn(rank, 2, *args)`` in 2 fresh processes (ranks 0 and 1) and waits for both."""
+    import torch.multiprocessing as mp
+
+    # spawn, not fork: forking a process whose autograd engine has run is unsafe
+    mp.start_processes(fn, args=(2, *args), nprocs=2, start_method="spawn")

@@ -3,56 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pyfast.cli import main
 from pyfast.train import Recipe, load_config
-from tests.train.conftest import tiny_run_overrides
+from tests.train.conftest import free_port, spawn_ranks, tiny_run_overrides, torchrun_env
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-
-
 def _worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
-    _join(rank, world, port)
+    torchrun_env(rank, world, port)
     Recipe(load_config(None, overrides)).run()
 
 
 def _fsdp_worker(rank: int, world: int, ports: list[int], overrides: list[str], out) -> None:
     """An FSDP run with a checkpoint at step 3, then --resume from it in the same folder."""
-    _join(rank, world, ports[0])
+    torchrun_env(rank, world, ports[0])
     Recipe(load_config(None, overrides)).run()
     if rank == 0:
         shutil.copy(out / "metrics.jsonl", out / "uninterrupted.jsonl")
         shutil.copytree(out / "final", out / "uninterrupted_final")
-    _join(rank, world, ports[1])
+    torchrun_env(rank, world, ports[1])
     Recipe(load_config(None, overrides), resume=out / "checkpoints" / "step-000003").run()
-
-
-def _spawn(fn, *args) -> None:
-    # spawn, not fork: forking a process whose autograd engine has run is unsafe
-    mp.start_processes(fn, args=(2, *args), nprocs=2, start_method="spawn")
 
 
 def _history(path) -> list[dict]:
@@ -76,7 +52,7 @@ def single_run(tiny_train_dir, tmp_path_factory):
 def test_two_ranks_match_one_process(single_run, tmp_path):
     one, common = single_run
     two = tmp_path / "two"
-    _spawn(_worker, _free_port(), [*common, "batch_size=2", f"output_dir={two}"])
+    spawn_ranks(_worker, free_port(), [*common, "batch_size=2", f"output_dir={two}"])
     h1, h2 = _history(one / "metrics.jsonl"), _history(two / "metrics.jsonl")
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
     assert len(_series(h1, "loss")) == 6
@@ -100,7 +76,7 @@ def test_fsdp_matches_one_process_and_resumes(single_run, tmp_path):
         "eval.batch_size=1",  # held-out batches 2 + 1: rank 1 runs a padding batch
         f"output_dir={out}",
     ]
-    _spawn(_fsdp_worker, [_free_port(), _free_port()], overrides, out)
+    spawn_ranks(_fsdp_worker, [free_port(), free_port()], overrides, out)
     h1, h2 = _history(one / "metrics.jsonl"), _history(out / "uninterrupted.jsonl")
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
     assert len(_series(h1, "loss")) == 6
@@ -142,3 +118,35 @@ def test_fsdp_refuses_what_it_cannot_shard(bad, named, capsys):
         load_config(None, ["distributed=fsdp", "freeze.full=false", bad])
     assert main(["train", "distributed=fsdp", "freeze.full=false", bad]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_fsdp_trains_with_frozen_modules(tiny_train_dir, tmp_path):
+    """Whole frozen modules (requires_grad=False) inside sharded units: block 0 and the tied
+    embedding are frozen, block 1 and the final norm train; the losses match one process."""
+    from safetensors.torch import load_file
+
+    common = [
+        *tiny_run_overrides(tiny_train_dir, tmp_path),
+        "freeze.full=false",
+        "freeze.top_blocks=1",
+        "freeze.norm=true",
+        "eval.every=0",
+        "max_steps=3",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    Recipe(load_config(None, [*common, "batch_size=4", f"output_dir={one}"])).run()
+    spawn_ranks(
+        _worker,
+        free_port(),
+        [*common, "distributed=fsdp", "batch_size=2", f"output_dir={two}"],
+    )
+    h1, h2 = _history(one / "metrics.jsonl"), _history(two / "metrics.jsonl")
+    torch.testing.assert_close(_series(h2, "loss"), _series(h1, "loss"), rtol=1e-4, atol=1e-5)
+    start = load_file(str(tiny_train_dir / "model.safetensors"))
+    got = load_file(str(two / "final" / "model.safetensors"))
+    ref = load_file(str(one / "final" / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        frozen = name.startswith(("model.layers.0.", "model.embed_tokens."))
+        assert torch.equal(value, start[name]) == frozen, name
