@@ -342,8 +342,6 @@ def validate(cfg: TrainConfig) -> None:
              "the saved adapter afterwards)"),
             (cfg.eval.tasks, "eval.tasks (benchmark scoring runs the unsharded model; score "
              "the saved model with pyfast eval)"),
-            (cfg.optim.name != "fused_adamw", f"optim.name={cfg.optim.name} (FSDP trains with "
-             "optim.name=fused_adamw)"),
         ]  # fmt: skip
         for bad, what in refused:
             if bad:

@@ -94,11 +94,15 @@ class Recipe:
 
     # -- hooks ---------------------------------------------------------------------------------
     def load_model(self, spec: str):
-        """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`."""
+        """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`.
+
+        Under FSDP the model is loaded on the CPU: ``fully_shard`` moves it to the rank's device
+        one unit at a time, so the whole model never has to fit one device.
+        """
         from pyfast.models import load_model
 
         model, tok, self.model_identity = load_model(
-            spec, device=self.cfg.device, dtype=self.cfg.model.dtype
+            spec, device="cpu" if self.fsdp else self.cfg.device, dtype=self.cfg.model.dtype
         )
         return model, tok
 
@@ -175,7 +179,7 @@ class Recipe:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.plan: FreezePlan = apply_freeze(model, cfg.freeze)
-        self.model = self.plan.model.to(self.device)
+        self.model = self.plan.model if self.fsdp else self.plan.model.to(self.device)
         if resume_from is not None:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
@@ -197,7 +201,12 @@ class Recipe:
             blocks = fsdp.shard(self.loss_module, self.model, self.device)
             # fully_shard replaced the parameters with sharded ones: the optimizer takes those
             self.plan.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            self.log(f"FSDP: {blocks} decoder blocks + root sharded over {self.world} ranks")
+            local = sum(p.to_local().numel() for p in self.model.parameters())
+            self.log(
+                f"FSDP: {blocks} decoder blocks + root sharded over {self.world} ranks; rank 0 "
+                f"holds {local:,} of {self.plan.total:,} parameters (and their gradients and "
+                "optimizer moments)"
+            )
         elif cfg.distributed == "fsdp":
             self.log("distributed=fsdp: a single process, nothing to shard")
         self.optimizer = self.build_optimizer()
@@ -333,7 +342,10 @@ class Recipe:
             if masked:
                 grad_mask_([p.grad for p in masked], [self.plan.masks[p] for p in masked])
             max_norm = self.cfg.optim.max_grad_norm or float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            total = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            if hasattr(total, "full_tensor"):  # sharded gradients (FSDP): a DTensor norm
+                total = total.full_tensor()
+            norm = float(total)
             opt.step()
         opt.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -110,7 +110,7 @@ def test_fsdp_matches_one_process_and_resumes(single_run, tmp_path):
     [
         ("freeze.embedding_rows=[3,4]", "freeze.embedding_rows"),
         ("eval.tasks=arc_easy", "eval.tasks"),
-        ("optim.name=torch_adamw", "optim.name=torch_adamw"),
+        ("freeze.lora.merge=true", "freeze.lora.merge"),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_shard(bad, named, capsys):
@@ -122,7 +122,8 @@ def test_fsdp_refuses_what_it_cannot_shard(bad, named, capsys):
 
 def test_fsdp_trains_with_frozen_modules(tiny_train_dir, tmp_path):
     """Whole frozen modules (requires_grad=False) inside sharded units: block 0 and the tied
-    embedding are frozen, block 1 and the final norm train; the losses match one process."""
+    embedding are frozen, block 1 and the final norm train; the losses match one process.
+    With torch.optim.AdamW and clip_grad_norm_ (FusedAdamW: the test above and LoRA's)."""
     from safetensors.torch import load_file
 
     common = [
@@ -132,6 +133,8 @@ def test_fsdp_trains_with_frozen_modules(tiny_train_dir, tmp_path):
         "freeze.norm=true",
         "eval.every=0",
         "max_steps=3",
+        "optim.name=torch_adamw",
+        "optim.max_grad_norm=0.1",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     Recipe(load_config(None, [*common, "batch_size=4", f"output_dir={one}"])).run()
@@ -142,6 +145,9 @@ def test_fsdp_trains_with_frozen_modules(tiny_train_dir, tmp_path):
     )
     h1, h2 = _history(one / "metrics.jsonl"), _history(two / "metrics.jsonl")
     torch.testing.assert_close(_series(h2, "loss"), _series(h1, "loss"), rtol=1e-4, atol=1e-5)
+    norm1, norm2 = _series(h1, "grad_norm"), _series(h2, "grad_norm")
+    torch.testing.assert_close(norm2, norm1, rtol=1e-4, atol=1e-5)
+    assert (norm1 > 0.1).all()  # clipped at every step
     start = load_file(str(tiny_train_dir / "model.safetensors"))
     got = load_file(str(two / "final" / "model.safetensors"))
     ref = load_file(str(one / "final" / "model.safetensors"))
