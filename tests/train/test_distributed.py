@@ -71,7 +71,9 @@ def test_fsdp_matches_one_process_and_resumes(single_run, tmp_path):
     overrides = [
         *common,
         "distributed=fsdp",
-        "batch_size=2",
+        "batch_size=1",  # x 2 accumulation steps x 2 ranks = the single process's batch 4
+        "grad_accum=2",
+        "model.gradient_checkpointing=true",
         "save_every=3",
         "eval.batch_size=1",  # held-out batches 2 + 1: rank 1 runs a padding batch
         f"output_dir={out}",
