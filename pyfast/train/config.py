@@ -340,8 +340,8 @@ def validate(cfg: TrainConfig) -> None:
              "embedding); train the whole embedding or use distributed=ddp"),
             (cfg.freeze.lora.merge, "freeze.lora.merge (the adapters are saved unmerged; merge "
              "the saved adapter afterwards)"),
-            (cfg.eval.tasks, "eval.tasks (benchmark scoring runs the unsharded model; score "
-             "the saved model with pyfast eval)"),
+            (cfg.eval.tasks, "eval.tasks (benchmark scoring splits documents unevenly over "
+             "the ranks; score final/ or best/ with pyfast eval)"),
         ]  # fmt: skip
         for bad, what in refused:
             if bad:

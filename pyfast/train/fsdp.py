@@ -72,20 +72,20 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Loads a full optimizer state (:func:`full_optimizer_state` or a single process's) into
-    an optimizer over sharded params: each moment is scattered to its param's shards."""
-    optimizer.load_state_dict(state_dict)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state or not isinstance(p, DTensor):
-                continue
-            for key, value in state.items():
-                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim():
-                    shards = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-                    if not shards.to_local().is_contiguous():  # the fused kernels write in place
-                        shards = DTensor.from_local(
-                            shards.to_local().contiguous(), p.device_mesh, p.placements,
-                            shape=p.shape, stride=p.stride(),
-                        )  # fmt: skip
-                    state[key] = shards
+    """Loads a full optimizer state (:func:`full_optimizer_state`'s or a single process's) into an
+    optimizer over sharded params: each moment is scattered to its param's shards first, one
+    tensor at a time, so the full state never sits on a device at once.
+
+    Collective: every rank must call it with the same state.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, entry in state_dict["state"].items():
+        p = params[index] if 0 <= index < len(params) else None
+        sharded[index] = {
+            key: distribute_tensor(value, p.device_mesh, p.placements)
+            if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape
+            else value
+            for key, value in entry.items()
+        }
+    optimizer.load_state_dict({**state_dict, "state": sharded})
