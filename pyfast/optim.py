@@ -22,6 +22,15 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _shard_like(mask: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of `mask` (per element, or per row) for the sharded param `p`: the same
+    dim-0 chunks as ``fully_shard`` makes (each rank slices its own copy; no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    m = mask.to(device=p.device, dtype=torch.uint8)
+    return distribute_tensor(m, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
 def _sharded_group(grad: Tensor):
     """The process group over which a sharded (DTensor) gradient's squares must be summed."""
     mesh = grad.device_mesh
@@ -68,8 +77,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     Sharded params (DTensors, as ``torch.distributed.fsdp.fully_shard`` makes them): each rank
     updates its local shard, the moments are DTensors sharded like their params, and clipping uses
-    the global norm (the local sums of squares all-reduced over the shards' process group). Masks
-    are not supported on sharded params.
+    the global norm (the local sums of squares all-reduced over the shards' process group). A mask
+    of a sharded param is given whole and sliced like the param (dim-0 sharding).
 
     Raises:
         ValueError: invalid hyper-parameters, a mask whose shape fits neither form, or a mask for a
@@ -125,14 +134,16 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError("FusedAdamW: masks has a tensor that is not an optimised param")
             if m.dtype not in (torch.bool, torch.uint8):
                 raise ValueError(f"FusedAdamW: a mask must be bool or uint8, got {m.dtype}")
-            if DTensor is not None and isinstance(p, DTensor):
-                raise ValueError("FusedAdamW: masks are not supported on sharded (DTensor) params")
             per_row = p.dim() >= 1 and m.dim() == 1 and m.shape[0] == p.shape[0]
             if m.shape != p.shape and not per_row:
                 raise ValueError(
                     f"FusedAdamW: mask of shape {tuple(m.shape)} fits neither the param's shape "
                     f"{tuple(p.shape)} nor its rows ({p.shape[0] if p.dim() else 0},)"
                 )
+            if DTensor is not None and isinstance(p, DTensor):
+                if not all(pl.is_shard(0) for pl in p.placements):
+                    raise ValueError(f"FusedAdamW: masks need dim-0 sharding, got {p.placements}")
+                m = _shard_like(m, p)
             checked[id(p)] = m.to(device=p.device, dtype=torch.bool).contiguous()
         self._masks = checked
 
@@ -184,14 +195,16 @@ class FusedAdamW(torch.optim.Optimizer):
         Returns None when ``max_grad_norm`` is unset. No host synchronisation.
         """
         by_device: dict[torch.device, tuple[list, list]] = defaultdict(lambda: ([], []))
-        sharded: dict[torch.device, list] = defaultdict(list)
+        sharded: dict[torch.device, tuple[list, list]] = defaultdict(lambda: ([], []))
         group, shard_device = None, None
         for _, p in self._params_with_grads():
             if DTensor is not None and isinstance(p.grad, DTensor):
                 group, shard_device = _sharded_group(p.grad), p.grad.device
                 g = p.grad.to_local()
                 if g.numel():
-                    sharded[p.grad.device].append(g if g.is_contiguous() else g.contiguous())
+                    grads, masks = sharded[p.grad.device]
+                    grads.append(g if g.is_contiguous() else g.contiguous())
+                    masks.append(self._masks.get(id(p)))
                 continue
             grads, masks = by_device[p.grad.device]
             grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
@@ -203,8 +216,9 @@ class FusedAdamW(torch.optim.Optimizer):
         ]
         if group is not None:  # global norm of the shards: sum of local squares over the ranks
             sq = torch.zeros((), dtype=torch.float32, device=shard_device)
-            for gs in sharded.values():
-                sq = sq + grad_norm(gs, []).to(shard_device).float().square()
+            for gs, ms in sharded.values():
+                ms = ms if any(m is not None for m in ms) else []
+                sq = sq + grad_norm(gs, ms).to(shard_device).float().square()
             torch.distributed.all_reduce(sq, group=group)
             norms.append(sq.sqrt())
         first = norms[0].device

@@ -336,8 +336,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(message)
     if cfg.distributed == "fsdp":
         refused = [
-            (cfg.freeze.embedding_rows, "freeze.embedding_rows (per-row masks of a sharded "
-             "embedding); train the whole embedding or use distributed=ddp"),
+            (cfg.freeze.embedding_rows and cfg.optim.name != "fused_adamw", "freeze."
+             "embedding_rows with optim.name=torch_adamw (per-row masks of a sharded embedding "
+             "are applied by optim.name=fused_adamw)"),
             (cfg.freeze.lora.merge, "freeze.lora.merge (the adapters are saved unmerged; merge "
              "the saved adapter afterwards)"),
             (cfg.eval.tasks, "eval.tasks (benchmark scoring splits documents unevenly over "

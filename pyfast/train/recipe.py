@@ -198,9 +198,13 @@ class Recipe:
         if self.fsdp:
             from pyfast.train import fsdp
 
+            names = {id(p): n for n, p in self.plan.params}
+            masks = {names[id(p)]: m for p, m in self.plan.masks.items()}
             blocks = fsdp.shard(self.loss_module, self.model, self.device)
             # fully_shard replaced the parameters with sharded ones: the optimizer takes those
             self.plan.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            by_name = dict(self.plan.params)
+            self.plan.masks = {by_name[n]: m for n, m in masks.items()}  # sliced by FusedAdamW
             local = sum(p.to_local().numel() for p in self.model.parameters())
             self.log(
                 f"FSDP: {blocks} decoder blocks + root sharded over {self.world} ranks; rank 0 "

@@ -110,51 +110,82 @@ def test_fsdp_matches_one_process_and_resumes(single_run, tmp_path):
 @pytest.mark.parametrize(
     "bad, named",
     [
-        ("freeze.embedding_rows=[3,4]", "freeze.embedding_rows"),
+        ("freeze.embedding_rows=[3,4] optim.name=torch_adamw", "freeze.embedding_rows"),
         ("eval.tasks=arc_easy", "eval.tasks"),
         ("freeze.lora.merge=true", "freeze.lora.merge"),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_shard(bad, named, capsys):
+    overrides = ["distributed=fsdp", "freeze.full=false", *bad.split()]
     with pytest.raises(ValueError, match=f"distributed=fsdp does not support {named}"):
-        load_config(None, ["distributed=fsdp", "freeze.full=false", bad])
-    assert main(["train", "distributed=fsdp", "freeze.full=false", bad]) == 2
+        load_config(None, overrides)
+    assert main(["train", *overrides]) == 2
     assert named in capsys.readouterr().err
 
 
-def test_fsdp_trains_with_frozen_modules(tiny_train_dir, tmp_path):
-    """Whole frozen modules (requires_grad=False) inside sharded units: block 0 and the tied
-    embedding are frozen, block 1 and the final norm train; the losses match one process.
-    With torch.optim.AdamW and clip_grad_norm_ (FusedAdamW: the test above and LoRA's)."""
+def _runs_worker(rank: int, world: int, ports: list[int], runs: list[list[str]]) -> None:
+    for port, overrides in zip(ports, runs, strict=True):
+        torchrun_env(rank, world, port)
+        Recipe(load_config(None, overrides)).run()
+
+
+FROZEN = {  # name -> (overrides, the weights that must not change)
+    # whole frozen modules (requires_grad=False) inside sharded units, torch's AdamW + clipping
+    "top block + norm, torch_adamw": (
+        [
+            "freeze.top_blocks=1",
+            "freeze.norm=true",
+            "optim.name=torch_adamw",
+            "optim.max_grad_norm=0.1",
+        ],
+        lambda name, row: name.startswith(("model.layers.0.", "model.embed_tokens.")),
+    ),
+    # per-row masks of the sharded (tied) embedding: rows 3 and 7 on rank 0, 250 on rank 1
+    "embedding rows, fused_adamw": (
+        ["freeze.embedding_rows=[3,7,250]", "optim.weight_decay=0.1", "optim.max_grad_norm=0.003"],
+        lambda name, row: not name.startswith("model.embed_tokens.") or row not in (3, 7, 250),
+    ),
+}
+
+
+def test_fsdp_trains_with_frozen_parts(tiny_train_dir, tmp_path):
+    """Frozen modules and frozen embedding rows under FSDP: the losses, grad norms (clipped) and
+    final weights match one process's, and exactly the frozen weights stay as they were."""
     from safetensors.torch import load_file
 
     common = [
         *tiny_run_overrides(tiny_train_dir, tmp_path),
         "freeze.full=false",
-        "freeze.top_blocks=1",
-        "freeze.norm=true",
         "eval.every=0",
         "max_steps=3",
-        "optim.name=torch_adamw",
-        "optim.max_grad_norm=0.1",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    Recipe(load_config(None, [*common, "batch_size=4", f"output_dir={one}"])).run()
+    runs = {name: [*common, *extra] for name, (extra, _) in FROZEN.items()}
+    for i, overrides in enumerate(runs.values()):
+        out = f"output_dir={tmp_path / f'one{i}'}"
+        Recipe(load_config(None, [*overrides, "batch_size=4", out])).run()
     spawn_ranks(
-        _worker,
-        free_port(),
-        [*common, "distributed=fsdp", "batch_size=2", f"output_dir={two}"],
+        _runs_worker,
+        [free_port() for _ in runs],
+        [
+            [*overrides, "distributed=fsdp", "batch_size=2", f"output_dir={tmp_path / f'two{i}'}"]
+            for i, overrides in enumerate(runs.values())
+        ],
     )
-    h1, h2 = _history(one / "metrics.jsonl"), _history(two / "metrics.jsonl")
-    torch.testing.assert_close(_series(h2, "loss"), _series(h1, "loss"), rtol=1e-4, atol=1e-5)
-    norm1, norm2 = _series(h1, "grad_norm"), _series(h2, "grad_norm")
-    torch.testing.assert_close(norm2, norm1, rtol=1e-4, atol=1e-5)
-    assert (norm1 > 0.1).all()  # clipped at every step
     start = load_file(str(tiny_train_dir / "model.safetensors"))
-    got = load_file(str(two / "final" / "model.safetensors"))
-    ref = load_file(str(one / "final" / "model.safetensors"))
-    assert got.keys() == ref.keys()
-    for name, value in got.items():
-        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5, msg=name)
-        frozen = name.startswith(("model.layers.0.", "model.embed_tokens."))
-        assert torch.equal(value, start[name]) == frozen, name
+    for i, (name, (_, frozen)) in enumerate(FROZEN.items()):
+        one, two = tmp_path / f"one{i}", tmp_path / f"two{i}"
+        h1, h2 = _history(one / "metrics.jsonl"), _history(two / "metrics.jsonl")
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(
+                _series(h2, key), _series(h1, key), rtol=1e-4, atol=1e-5, msg=f"{name}: {key}"
+            )
+        clip = load_config(None, runs[name]).optim.max_grad_norm
+        assert (_series(h1, "grad_norm") > clip).all(), name  # clipped at every step
+        got = load_file(str(two / "final" / "model.safetensors"))
+        ref = load_file(str(one / "final" / "model.safetensors"))
+        assert got.keys() == ref.keys()
+        for key, value in got.items():
+            torch.testing.assert_close(value, ref[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+            same = (value == start[key]).reshape(value.shape[0], -1).all(dim=1)
+            want = torch.tensor([frozen(key, r) for r in range(value.shape[0])])
+            assert torch.equal(same, want), f"{name}: {key}"
