@@ -65,10 +65,11 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
         for key in sorted(sd["state"][index]):
             value = sd["state"][index][key]
             if isinstance(value, DTensor):
-                value = value.full_tensor()
+                value = value.full_tensor()  # collective; only rank 0 keeps the result
             entry[key] = value.cpu() if torch.is_tensor(value) else value
-        state[index] = entry
-    return {"state": state if rank0 else {}, "param_groups": sd["param_groups"]}
+        if rank0:
+            state[index] = entry
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
