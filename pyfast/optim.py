@@ -9,7 +9,38 @@ import torch
 
 from pyfast.ops import fused_adamw_, grad_norm
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed
+    DTensor = None
+
 Tensor = torch.Tensor
+
+
+def _local(t: Tensor) -> Tensor:
+    """The rank-local shard of a DTensor (a view of its storage); other tensors unchanged."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _shard_like(mask: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of `mask` (per element, or per row) for the sharded param `p`: the same
+    dim-0 chunks as ``fully_shard`` makes (each rank slices its own copy; no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    m = mask.to(device=p.device, dtype=torch.uint8)
+    return distribute_tensor(m, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def _sharded_group(grad: Tensor):
+    """The process group over which a sharded (DTensor) gradient's squares must be summed."""
+    mesh = grad.device_mesh
+    if mesh.ndim != 1 or not all(pl.is_shard() for pl in grad.placements):
+        raise ValueError(
+            "FusedAdamW: sharded params must be sharded (Shard placements) over a 1-D device "
+            f"mesh, got {grad.placements} over a {mesh.ndim}-D mesh"
+        )
+    return mesh.get_group()
+
 
 # torch.optim.AdamW's group keys beyond the hyper-parameters, kept so that a state_dict of
 # FusedAdamW loads into torch.optim.AdamW and back without surprises.
@@ -46,6 +77,11 @@ class FusedAdamW(torch.optim.Optimizer):
       yet can matter for long pre-training runs. Default: float32 state for every param.
 
     ``state_dict()`` uses torch.optim.AdamW's format, so checkpoints load into either optimizer.
+
+    Sharded params (DTensors, as ``torch.distributed.fsdp.fully_shard`` makes them): each rank
+    updates its local shard, the moments are DTensors sharded like their params, and clipping uses
+    the global norm (the local sums of squares all-reduced over the shards' process group). A mask
+    of a sharded param is given whole and sliced like the param (dim-0 sharding).
 
     Raises:
         ValueError: invalid hyper-parameters, a mask whose shape fits neither form, or a mask for a
@@ -108,6 +144,10 @@ class FusedAdamW(torch.optim.Optimizer):
                     f"FusedAdamW: mask of shape {tuple(m.shape)} fits neither the param's shape "
                     f"{tuple(p.shape)} nor its rows ({p.shape[0] if p.dim() else 0},)"
                 )
+            if DTensor is not None and isinstance(p, DTensor):
+                if not all(pl.is_shard(0) for pl in p.placements):
+                    raise ValueError(f"FusedAdamW: masks need dim-0 sharding, got {p.placements}")
+                m = _shard_like(m, p)
             checked[id(p)] = m.to(device=p.device, dtype=torch.bool).contiguous()
         self._masks = checked
 
@@ -159,15 +199,32 @@ class FusedAdamW(torch.optim.Optimizer):
         Returns None when ``max_grad_norm`` is unset. No host synchronisation.
         """
         by_device: dict[torch.device, tuple[list, list]] = defaultdict(lambda: ([], []))
+        sharded: dict[torch.device, tuple[list, list]] = defaultdict(lambda: ([], []))
+        group, shard_device = None, None
         for _, p in self._params_with_grads():
+            if DTensor is not None and isinstance(p.grad, DTensor):
+                group, shard_device = _sharded_group(p.grad), p.grad.device
+                g = p.grad.to_local()
+                if g.numel():
+                    grads, masks = sharded[p.grad.device]
+                    grads.append(g if g.is_contiguous() else g.contiguous())
+                    masks.append(self._masks.get(id(p)))
+                continue
             grads, masks = by_device[p.grad.device]
             grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
             masks.append(self._masks.get(id(p)))
-        if not by_device:
+        if not by_device and group is None:
             return None
         norms = [
             grad_norm(g, m if any(x is not None for x in m) else []) for g, m in by_device.values()
         ]
+        if group is not None:  # global norm of the shards: sum of local squares over the ranks
+            sq = torch.zeros((), dtype=torch.float32, device=shard_device)
+            for gs, ms in sharded.values():
+                ms = ms if any(m is not None for m in ms) else []
+                sq = sq + grad_norm(gs, ms).to(shard_device).float().square()
+            torch.distributed.all_reduce(sq, group=group)
+            norms.append(sq.sqrt())
         first = norms[0].device
         total = norms[0] if len(norms) == 1 else torch.stack([n.to(first) for n in norms]).norm()
         self.last_grad_norm = total
@@ -200,12 +257,15 @@ class FusedAdamW(torch.optim.Optimizer):
             state = self._init_state(p)
             state["step"] += 1
             step = int(state["step"].item())
-            key = (p.device, p.dtype, state["exp_avg"].dtype, step)
+            param, grad = _local(p), _local(p.grad)  # a sharded param: this rank's shard
+            if param.numel() == 0:
+                continue
+            key = (param.device, param.dtype, state["exp_avg"].dtype, step)
             ps, gs, ms, vs, masks = buckets[key]
-            ps.append(p)
-            gs.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
+            ps.append(param)
+            gs.append(grad if grad.is_contiguous() else grad.contiguous())
+            ms.append(_local(state["exp_avg"]))
+            vs.append(_local(state["exp_avg_sq"]))
             masks.append(self._masks.get(id(p)))
         for (device, _, _, step), (ps, gs, ms, vs, masks) in buckets.items():
             fused_adamw_(

@@ -227,13 +227,12 @@ class AlignRecipe(Recipe):
         result: dict = {}
         if self.eval_examples:
             self.model.eval()
-            self._means = _Means()
+            means = _Means()
             try:
-                mine = self.eval_examples[self.rank :: self.world]
-                bs = self.cfg.eval.batch_size
-                for i in range(0, len(mine), bs):
-                    self.compute_loss(self.model, self._to_device(self.collate(mine[i : i + bs])))
-                result = {f"eval_{k}": v for k, v in self._means.means(self._all_sum).items()}
+                for batch, counted in self.heldout_batches():
+                    self._means = means if counted else None  # padding batches are not counted
+                    self.heldout_loss(batch)
+                result = {f"eval_{k}": v for k, v in means.means(self._all_sum).items()}
             finally:
                 self._means = None
                 self.model.train()

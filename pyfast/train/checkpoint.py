@@ -36,26 +36,37 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def save_model(model, tokenizer, path: Path, merge_lora: bool = False) -> None:
+def save_model(
+    model, tokenizer, path: Path, merge_lora: bool = False, state_dict: dict | None = None
+) -> None:
     """Writes `model` as a Hugging Face folder at `path` (not atomic; see :func:`atomic_dir`).
 
     A PEFT model is saved in PEFT's format (adapter files), or merged into the base weights when
     `merge_lora`. A ``score_head`` attribute is saved beside, as ``score_head.safetensors``.
+    `state_dict`: the model's full state dict to write instead of its own (a sharded model's,
+    gathered; see :func:`pyfast.train.fsdp.full_model_state`); merging is then not supported.
     """
     from safetensors.torch import save_file
 
     base = model.get_base_model() if is_peft(model) else model
     if is_peft(model) and merge_lora:
+        if state_dict is not None:
+            raise ValueError("save_model: merge_lora needs the model itself, not a state_dict")
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(path, safe_serialization=True)
     else:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     head = getattr(base, "score_head", None)
     if head is not None:
+        if state_dict is None:
+            tensors = head.state_dict()
+        else:
+            prefix = next(n for n, m in model.named_modules() if m is head) + "."
+            tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         save_file(
-            {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(path / "score_head.safetensors"),
         )
 
@@ -108,14 +119,20 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict,
     config: dict,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Writes a complete resumable checkpoint at `path`, atomically."""
+    """Writes a complete resumable checkpoint at `path`, atomically.
+
+    `model_state` / `optimizer_state`: full state dicts to write instead of the model's and the
+    optimizer's own (gathered from a sharded model).
+    """
 
     def fill(tmp: Path) -> None:
-        save_model(model, tokenizer, tmp)
+        save_model(model, tokenizer, tmp, state_dict=model_state)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
             },

@@ -151,6 +151,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads (0: leave torch's default)
+    # under torchrun (WORLD_SIZE > 1): auto = ddp (replicas), fsdp = sharded (fully_shard)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 # -- checking ------------------------------------------------------------------------------------
@@ -338,3 +340,16 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if cfg.distributed == "fsdp":
+        refused = [
+            (cfg.freeze.embedding_rows and cfg.optim.name != "fused_adamw", "freeze."
+             "embedding_rows with optim.name=torch_adamw (per-row masks of a sharded embedding "
+             "are applied by optim.name=fused_adamw)"),
+            (cfg.freeze.lora.merge, "freeze.lora.merge (the adapters are saved unmerged; merge "
+             "the saved adapter afterwards)"),
+            (cfg.eval.tasks, "eval.tasks (benchmark scoring splits documents unevenly over "
+             "the ranks; score final/ or best/ with pyfast eval)"),
+        ]  # fmt: skip
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"distributed=fsdp does not support {what}")

@@ -14,7 +14,8 @@ The loop: FusedAdamW with fused clipping and the freezing masks, warmup + cosine
 gradient accumulation, optional bf16 autocast, held-out loss/perplexity (and benchmark tasks) every
 ``eval.every`` steps, early stopping keeping the best model, a stop with a clear message on a
 NaN/inf loss, checkpoints that ``--resume`` continues exactly, metrics.jsonl and a loss plot.
-Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel with DDP (gloo on CPU).
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel with DDP (gloo on CPU), or
+with ``distributed=fsdp`` sharded by torch's ``fully_shard`` (:mod:`pyfast.train.fsdp`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class TrainingStopped(RuntimeError):
 
 
 class _LossModule(nn.Module):
-    """Wraps the model so that DDP's forward computes the recipe's loss (gradient sync hooks)."""
+    """Wraps the model so that DDP's forward computes the recipe's loss (gradient sync hooks);
+    under FSDP it is the root unit, whose forward gathers the weights outside the blocks."""
 
     def __init__(self, recipe: Recipe, model: nn.Module):
         super().__init__()
@@ -81,6 +83,7 @@ class Recipe:
         self.resume = resume
         self.out = Path(cfg.output_dir)
         self.rank, self.world = 0, 1
+        self.fsdp = False  # sharded with fully_shard (distributed=fsdp under torchrun)
         self.device = torch.device(cfg.device)
         self.history: list[dict] = []
         self.step = 0
@@ -91,12 +94,16 @@ class Recipe:
 
     # -- hooks ---------------------------------------------------------------------------------
     def load_model(self, spec: str):
-        """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`."""
+        """(model, tokenizer) for `spec`; default: :func:`pyfast.models.load_model`.
+
+        Under FSDP the model is loaded on the CPU: ``fully_shard`` moves it to the rank's device
+        one unit at a time, so the whole model never has to fit one device.
+        """
         from pyfast.models import load_model
 
         model, tok, self.model_identity = load_model(
             spec,
-            device=self.cfg.device,
+            device="cpu" if self.fsdp else self.cfg.device,
             dtype=self.cfg.model.dtype,
             fuse_blocks=self.cfg.model.fused_blocks,
         )
@@ -148,6 +155,7 @@ class Recipe:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.fsdp = self.cfg.distributed == "fsdp"
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
@@ -174,7 +182,7 @@ class Recipe:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.plan: FreezePlan = apply_freeze(model, cfg.freeze)
-        self.model = self.plan.model.to(self.device)
+        self.model = self.plan.model if self.fsdp else self.plan.model.to(self.device)
         if resume_from is not None:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
@@ -189,16 +197,37 @@ class Recipe:
                 f"batch ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} ranks)"
             )
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.loss_module = _LossModule(self, self.model)
+        if self.fsdp:
+            from pyfast.train import fsdp
+
+            names = {id(p): n for n, p in self.plan.params}
+            masks = {names[id(p)]: m for p, m in self.plan.masks.items()}
+            blocks = fsdp.shard(self.loss_module, self.model, self.device)
+            # fully_shard replaced the parameters with sharded ones: the optimizer takes those
+            self.plan.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            by_name = dict(self.plan.params)
+            self.plan.masks = {by_name[n]: m for n, m in masks.items()}  # sliced by FusedAdamW
+            local = sum(p.to_local().numel() for p in self.model.parameters())
+            self.log(
+                f"FSDP: {blocks} decoder blocks + root sharded over {self.world} ranks; rank 0 "
+                f"holds {local:,} of {self.plan.total:,} parameters (and their gradients and "
+                "optimizer moments)"
+            )
+        elif cfg.distributed == "fsdp":
+            self.log("distributed=fsdp: a single process, nothing to shard")
         self.optimizer = self.build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        self.loss_module = _LossModule(self, self.model)
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_module = DDP(self.loss_module, device_ids=ids)
         if resume_from is not None:
-            self.optimizer.load_state_dict(blob["optimizer"])
+            if self.fsdp:
+                fsdp.load_optimizer_state(self.optimizer, blob["optimizer"])
+            else:
+                self.optimizer.load_state_dict(blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
             ckpt.set_rng_state(blob["rng"])
             self.step = meta["step"]
@@ -297,11 +326,12 @@ class Recipe:
         for i, (batch, w) in enumerate(zip(batches, weights, strict=True)):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext()
-            if self.world > 1 and not last:
+            if self.world > 1 and not last and not self.fsdp:  # FSDP reduce-scatters each one
                 sync = self.loss_module.no_sync()
             with sync:
                 loss, _ = self.loss_module(batch)
-                # DDP averages gradients over ranks: * world makes it a sum over the global batch
+                # DDP and FSDP average gradients over ranks: * world makes it a sum over the
+                # global batch
                 (loss * (w * self.world / max(total_w, 1.0))).backward()
             loss_sum += float(loss.detach()) * w
         (loss_sum,) = self._all_sum([loss_sum])
@@ -340,7 +370,10 @@ class Recipe:
             if masked:
                 grad_mask_([p.grad for p in masked], [self.plan.masks[p] for p in masked])
             max_norm = self.cfg.optim.max_grad_norm or float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            total = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            if hasattr(total, "full_tensor"):  # sharded gradients (FSDP): a DTensor norm
+                total = total.full_tensor()
+            norm = float(total)
             opt.step()
         opt.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -349,23 +382,42 @@ class Recipe:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def heldout_batches(self):
+        """This rank's held-out micro-batches, as (batch, counted) pairs.
+
+        Ranks take every world-th example. Under FSDP a forward pass is collective, so every rank
+        runs the same number of batches: one with fewer examples runs uncounted padding batches.
+        """
+        bs = self.cfg.eval.batch_size
+        mine = self.eval_examples[self.rank :: self.world]
+        n = math.ceil(len(mine) / bs)
+        if self.fsdp:
+            n = math.ceil(math.ceil(len(self.eval_examples) / self.world) / bs)
+        for i in range(n):
+            chunk = mine[i * bs : (i + 1) * bs]
+            yield self._to_device(self.collate(chunk or self.eval_examples[:1])), bool(chunk)
+
+    def heldout_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """:meth:`compute_loss` of a held-out batch (through the FSDP root when sharded)."""
+        if self.fsdp:
+            return self.loss_module(batch)
+        return self.compute_loss(self.model, batch)
+
     @torch.no_grad()
     def evaluate_heldout(self) -> dict:
         """Held-out loss (unit-weighted mean) and perplexity; benchmark scores if configured."""
         result: dict = {}
         if self.eval_examples:
             self.model.eval()
-            bs = self.cfg.eval.batch_size
-            mine = self.eval_examples[self.rank :: self.world]
             loss_sum, weight = 0.0, 0.0
-            for i in range(0, len(mine), bs):
-                batch = self._to_device(self.collate(mine[i : i + bs]))
-                w = self.batch_weight(batch)
-                if w == 0:
+            for batch, counted in self.heldout_batches():
+                w = self.batch_weight(batch) if counted else 0
+                if w == 0 and not self.fsdp:
                     continue
-                loss, _ = self.compute_loss(self.model, batch)
-                loss_sum += float(loss) * w
-                weight += w
+                loss, _ = self.heldout_loss(batch)
+                if w:
+                    loss_sum += float(loss) * w
+                    weight += w
             loss_sum, weight = self._all_sum([loss_sum, weight])
             eval_loss = loss_sum / max(weight, 1.0)
             result["eval_loss"] = eval_loss
@@ -419,8 +471,10 @@ class Recipe:
             )
         if self._improved(loss):
             self.best_loss, self.best_step, self._since_best = loss, self.step, 0
-            if self.rank == 0:
-                ckpt.atomic_dir(self.out / "best", lambda tmp: self._save_best(tmp, metrics))
+            best = {"step": self.step, **metrics}
+            self.save_model_dir(
+                self.out / "best", lambda tmp: write_json(tmp / "best_metrics.json", best)
+            )
             self._barrier()
             return False
         self._since_best += 1
@@ -433,9 +487,26 @@ class Recipe:
             return True
         return False
 
-    def _save_best(self, tmp: Path, metrics: dict) -> None:
-        ckpt.save_model(self.model, self.tokenizer, tmp, self.cfg.freeze.lora.merge)
-        write_json(tmp / "best_metrics.json", {"step": self.step, **metrics})
+    def save_model_dir(self, final: Path, extra=None) -> None:
+        """Rank 0 writes the model folder `final` atomically (``extra(tmp)`` adds files).
+
+        Under FSDP every rank must call it: the full state dict is gathered onto rank 0 first.
+        """
+        state = None
+        if self.fsdp:
+            from pyfast.train.fsdp import full_model_state
+
+            state = full_model_state(self.model)
+        if self.rank != 0:
+            return
+
+        def fill(tmp: Path) -> None:
+            merge = self.cfg.freeze.lora.merge
+            ckpt.save_model(self.model, self.tokenizer, tmp, merge, state_dict=state)
+            if extra is not None:
+                extra(tmp)
+
+        ckpt.atomic_dir(final, fill)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -443,6 +514,12 @@ class Recipe:
 
     def save_checkpoint(self) -> Path:
         path = self.out / "checkpoints" / f"step-{self.step:06d}"
+        model_state = optimizer_state = None
+        if self.fsdp:  # gathered full: the checkpoint is the same as a single process writes
+            from pyfast.train import fsdp
+
+            model_state = fsdp.full_model_state(self.model)
+            optimizer_state = fsdp.full_optimizer_state(self.optimizer)
         if self.rank == 0:
             state = {
                 "step": self.step,
@@ -462,6 +539,8 @@ class Recipe:
                 self.scheduler,
                 state,
                 to_dict(self.cfg),
+                model_state=model_state,
+                optimizer_state=optimizer_state,
             )
             ckpt.prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
         self._barrier()
@@ -555,13 +634,7 @@ class Recipe:
         """Final checkpoint + model folder, loss plot and summary.json."""
         if self.cfg.save_final:
             self.save_checkpoint()
-            if self.rank == 0:
-                ckpt.atomic_dir(
-                    self.out / "final",
-                    lambda tmp: ckpt.save_model(
-                        self.model, self.tokenizer, tmp, self.cfg.freeze.lora.merge
-                    ),
-                )
+            self.save_model_dir(self.out / "final")
         self._barrier()
         train_losses = [h["loss"] for h in self.history if "loss" in h]
         summary = {

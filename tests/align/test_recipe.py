@@ -7,11 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyfast.align.config import load_config
 from pyfast.align.recipe import AlignRecipe
 from pyfast.cli import main
 from tests.align.conftest import make_tiny_llama
+from tests.train.conftest import free_port, spawn_ranks, torchrun_env
 
 BENCH_DATA = Path(__file__).parents[1] / "data" / "benchmarks"
 NOUNS = ["cat", "house", "plan", "idea", "car", "song", "book", "friend", "meal", "day", "job",
@@ -120,6 +122,39 @@ def test_every_method_learns_the_pairs(overrides, method_overrides):
         assert (final / "score_head.safetensors").is_file()
     if cfg.freeze.lora.enabled:  # merged: an ordinary model folder that pyfast eval loads
         assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+
+
+def _align_worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    torchrun_env(rank, world, port)
+    AlignRecipe(load_config(None, overrides)).run()
+
+
+def test_fsdp_dpo_with_lora_matches_one_process(overrides, tmp_path):
+    """2 FSDP ranks (gloo) of DPO with LoRA adapters: the same curve, held-out preference
+    metrics and saved adapter as one process at the same global batch."""
+    from safetensors.torch import load_file
+
+    common = [*overrides, "max_steps=4", "eval.every=2", "freeze.lora.enabled=true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(common, f"output_dir={one}")
+    spawn_ranks(
+        _align_worker,
+        free_port(),
+        [*common, "batch_size=4", "distributed=fsdp", f"output_dir={two}"],
+    )
+    h1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in h1] == [h["step"] for h in h2] == [0, 1, 2, 3, 4]
+    for a, b in zip(h1, h2, strict=True):
+        for key in ("loss", "grad_norm", "eval_loss", "eval_preference_accuracy"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    got = load_file(str(two / "final" / "adapter_model.safetensors"))
+    want = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and got
+    for name, value in got.items():
+        assert torch.allclose(value, want[name], rtol=1e-4, atol=1e-5), name
 
 
 def test_resume_continues_the_same_curve(overrides):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,11 +42,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def base_overrides(tiny_train_dir, tmp_path):
-    """Overrides for a fast run of the tiny model on the ARC test slice."""
+def tiny_run_overrides(model_dir: Path, output_dir: Path) -> list[str]:
+    """Overrides for a fast run of the tiny model at `model_dir` on the ARC test slice."""
     return [
-        f"model.name={tiny_train_dir}",
+        f"model.name={model_dir}",
         f"data.path={ARC_TRAIN}",
         "data.format=arc",
         "data.max_length=64",
@@ -56,5 +57,36 @@ def base_overrides(tiny_train_dir, tmp_path):
         "progress=false",
         "threads=1",  # tiny matmuls: a second thread only adds synchronisation
         "eval.every=3",
-        f"output_dir={tmp_path / 'run'}",
+        f"output_dir={output_dir}",
     ]
+
+
+@pytest.fixture
+def base_overrides(tiny_train_dir, tmp_path):
+    """Overrides for a fast run of the tiny model on the ARC test slice."""
+    return tiny_run_overrides(tiny_train_dir, tmp_path / "run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of `world` (rendezvous on localhost:`port`)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+
+
+def spawn_ranks(fn, *args) -> None:
+    """Runs ``fn(rank, 2, *args)`` in 2 fresh processes (ranks 0 and 1) and waits for both."""
+    import torch.multiprocessing as mp
+
+    # spawn, not fork: forking a process whose autograd engine has run is unsafe
+    mp.start_processes(fn, args=(2, *args), nprocs=2, start_method="spawn")
