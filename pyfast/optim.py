@@ -155,6 +155,16 @@ class FusedAdamW(torch.optim.Optimizer):
         return self._masks.get(id(p))
 
     # -- state -----------------------------------------------------------------------------
+    def allocate_state(self) -> None:
+        """Allocates the moments of every param that requires grad now, instead of at its first
+        update. Called before training, this puts them apart from the activations that come and
+        go every step rather than in the holes those leave behind; the training loops do, as it
+        measurably lowers the resident peak on CPU (glibc's heap) — see README, bench_train."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(p)
+
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if not state:

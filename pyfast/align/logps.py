@@ -71,6 +71,16 @@ def _score(model: torch.nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tens
 def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     from transformers import DynamicCache
 
+    if model.training and torch.is_grad_enabled() and getattr(
+        model, "is_gradient_checkpointing", False
+    ):
+        # transformers' checkpointed layers run without the cache: the answers would not see
+        # their prompt and the log-probs would be silently wrong
+        raise ValueError(
+            "pair_logps: the shared-prompt layout needs the key/value cache, which gradient "
+            "checkpointing disables; collate with pyfast.align.data.collate_pairs instead"
+        )
+
     body = model.get_decoder()
     # transformers 5.x renames past_key_values to cache; the cache object is updated in place.
     key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"

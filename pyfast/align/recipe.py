@@ -160,6 +160,9 @@ class AlignRecipe(Recipe):
         pairs, pad = [e.pair for e in examples], pad_id_of(self.tokenizer)
         if self.cfg.align.method == "reward":  # rewards read each row's last token
             batch = collate_pairs(pairs, pad)
+        elif self.cfg.model.gradient_checkpointing:
+            # checkpointed layers drop the key/value cache that the shared-prompt layout needs
+            batch = collate_pairs(pairs, pad)
         else:  # each prompt runs once for both answers
             batch = collate_shared_prompt(pairs, pad)
             # the loop counts the tokens a step processes as attention_mask.sum()

@@ -266,6 +266,7 @@ class Recipe:
                 masks=self.plan.masks,
                 state_dtype=torch.bfloat16 if o.state_dtype == "bfloat16" else torch.float32,
             )
+            opt.allocate_state()
             if o.update_in_backward:
                 opt.update_in_backward()
             return opt

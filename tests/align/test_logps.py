@@ -121,3 +121,18 @@ def test_shared_prompt_layout_matches_concatenated(tokenizer, pairs):
     (concat.chosen.sum() - 0.3 * concat.rejected.sum()).backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-5, rtol=1e-3), name
+
+
+def test_gradient_checkpointing_refuses_the_shared_prompt_layout(tokenizer, pairs):
+    """Checkpointed layers drop the cache: the shared-prompt layout must refuse, not mis-score;
+    the concatenated layout (what the recipe collates under checkpointing) still matches."""
+    pad = tokenizer.eos_token_id
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing disables"):
+        pair_logps(model, collate_shared_prompt(pairs[:2], pad))
+    plain = make_tiny_llama(len(tokenizer), seed=3).train()
+    a = pair_logps(model, collate_pairs(pairs[:2], pad))
+    b = pair_logps(plain, collate_pairs(pairs[:2], pad))
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-5) and torch.allclose(a.rejected, b.rejected, atol=1e-5)
