@@ -19,11 +19,10 @@ log 2 of policy == reference).
   noise is added in place). One step is the pair log-probs (each prompt runs once and its
   key/value cache serves both answers; the fused head scores answer tokens only; RMSNorm and MLP
   through pyfast.ops.fused_blocks), :func:`pyfast.align.losses.dpo_loss`, backward and
-  FusedAdamW with its update fused into backward (FusedAdamW.update_in_backward: each gradient
-  is used and freed as soon as it is complete; TRL's training_step + optimizer.step does not clip,
-  so the update is the same). A second pyfast row ("update after backward") measures the memory
-  of the plain FusedAdamW.step() after backward; its times are the same work and are not
-  re-measured. TRL runs the stock transformers modules.
+  FusedAdamW.step() (no clipping: TRL's training_step + optimizer.step does not clip either). A
+  second pyfast row ("update in backward") measures the memory with FusedAdamW.update_in_backward
+  (each gradient used and freed as soon as it is complete; the same update); its times are the
+  same work and are not re-measured. TRL runs the stock transformers modules.
 
 Memory: each side runs in its own fresh subprocess (one after the other, in this one invocation),
 so peak memories do not mix: the peak resident memory of the whole job above the process's
@@ -213,7 +212,7 @@ def _pyfast_state(args, ref=None) -> dict:
     policy.train()
     opt = FusedAdamW(policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype)
     if args.in_backward:
-        opt.update_in_backward()  # TRL's step does not clip either: the same update
+        opt.update_in_backward()  # no clipping (as TRL's step): the same update
     return {"policy": policy, "batch": batch, "ref": ref_logps, "opt": opt}
 
 
@@ -262,7 +261,7 @@ def worker_interleaved(args) -> dict:
 
 
 def _run_worker(
-    provider: str, args, batch_file: str, state_dtype: str | None = None, in_backward: bool = True
+    provider: str, args, batch_file: str, state_dtype: str | None = None, in_backward: bool = False
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -288,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument("--state-dtype", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--in-backward", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--in-backward", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.worker:
@@ -304,8 +303,7 @@ def main(argv=None) -> int:
     batch_file = os.path.join(tempfile.mkdtemp(), "batch.pt")
     rows = {"trl": _run_worker("trl", args, batch_file)}  # writes the batch pyfast reuses
     rows["pyfast"] = _run_worker("pyfast", args, batch_file)
-    rows["pyfast, update after backward"] = _run_worker("pyfast", args, batch_file,
-                                                        in_backward=False)  # fmt: skip
+    rows["pyfast, update in backward"] = _run_worker("pyfast", args, batch_file, in_backward=True)
     if args.bf16_state:
         rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
     # Times: both providers alternating in one process (the separate workers' times are kept in

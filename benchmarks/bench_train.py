@@ -14,11 +14,12 @@ same batch size, sequence length and precision, with the same optimizer hyper-pa
   ``linear_cross_entropy`` (no logits tensor), :class:`pyfast.optim.FusedAdamW` (state allocated
   up front) with fused clipping.
 
-Each provider runs in its own fresh subprocess (so peak memory is not shared), one after the
-other, in one invocation. Reported: median seconds per optimizer step after `--warmup` steps ->
-tokens/s, the process's peak resident memory added by training (VmHWM above the resident set
-after the model and data are loaded, just before the optimizer is built), and the largest
-relative difference of the per-step losses.
+In one invocation: each provider runs alone in a fresh subprocess for its losses and peak memory
+(the process's peak resident memory added by training: VmHWM above the resident set after the
+model is loaded, just before the optimizer is built), then a third subprocess holds both and
+alternates their steps on the same batches for the times, so that both see the same load on a
+shared CPU. Reported: median seconds per optimizer step after `--warmup` steps -> tokens/s, the
+peak memory, and the largest relative difference of the per-step losses.
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ def batches(tokenizer, batch: int, seq: int, steps: int) -> list[torch.Tensor]:
     return list(flat)
 
 
-def run_provider(args) -> dict:
+def build_step(provider: str, args):
+    """(step function -> loss, memory-window context): `provider`'s model, optimizer and step.
+    The memory window opens just before the optimizer is built."""
     from pyfast.bench.common import PeakMemory
     from pyfast.models import load_model
 
     torch.manual_seed(0)
     # the plain loop runs the stock transformers modules; pyfast its fused RMSNorm / SwiGLU MLP
-    model, tok, _ = load_model(args.model, fuse_blocks=args.provider == "pyfast")
+    model, tok, _ = load_model(args.model, fuse_blocks=provider == "pyfast")
     model.train()
-    data = batches(tok, args.batch, args.seq, args.steps)
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16)
         if args.precision == "bf16"
@@ -72,7 +74,7 @@ def run_provider(args) -> dict:
     # Memory is counted from here: optimizer state (allocated up front by pyfast, inside the
     # first step by torch), gradients, activations and temporaries of every step.
     mem = PeakMemory(torch.device("cpu")).__enter__()
-    if args.provider == "plain":
+    if provider == "plain":
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
 
         def step(ids):
@@ -104,22 +106,39 @@ def run_provider(args) -> dict:
             opt.zero_grad(set_to_none=True)
             return float(loss)
 
+    return step, mem, tok
+
+
+def run_provider(args) -> dict:
+    """One provider alone in this process: its losses and peak memory (and its own times)."""
+    step, mem, tok = build_step(args.provider, args)
+    data = batches(tok, args.batch, args.seq, args.steps)
     losses, times = [], []
     for ids in data:
         t0 = time.perf_counter()
         losses.append(step(ids))
         times.append(time.perf_counter() - t0)
     mem.__exit__(None, None, None)
-    timed = times[args.warmup :] or times
-    sec = statistics.median(timed)
     return {
         "provider": args.provider,
         "losses": losses,
-        "step_s": times,
-        "median_step_s": sec,
-        "tokens_per_s": args.batch * args.seq / sec,
+        "separate_step_s": times,
         "peak_added_bytes": mem.peak_bytes,
     }
+
+
+def run_interleaved(args) -> dict:
+    """Both providers in one process, alternating steps on the same batches, so that both see
+    the same machine load: per-step times of each."""
+    steps = {name: build_step(name, args) for name in ("plain", "pyfast")}
+    data = batches(steps["plain"][2], args.batch, args.seq, args.steps)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for ids in data:
+        for name, (step, _, _) in steps.items():
+            t0 = time.perf_counter()
+            step(ids)
+            times[name].append(time.perf_counter() - t0)
+    return {"provider": "interleaved", "step_s": times}
 
 
 def main() -> int:
@@ -131,20 +150,25 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
     p.add_argument("--output", default="results/bench_train")
-    p.add_argument("--provider", choices=["plain", "pyfast"], help=argparse.SUPPRESS)
+    p.add_argument("--provider", choices=["plain", "pyfast", "interleaved"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.provider:  # child process: one provider, JSON on the last stdout line
-        print(json.dumps(run_provider(args)))
+    if args.provider:  # child process: JSON on the last stdout line
+        worker = run_interleaved if args.provider == "interleaved" else run_provider
+        print(json.dumps(worker(args)))
         return 0
     results = {}
-    for provider in ("plain", "pyfast"):
+    for provider in ("plain", "pyfast", "interleaved"):
         cmd = [sys.executable, __file__, "--provider", provider, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         results[provider] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for provider in ("plain", "pyfast"):
         r = results[provider]
+        r["step_s"] = results["interleaved"]["step_s"][provider]
+        r["median_step_s"] = statistics.median(r["step_s"][args.warmup :] or r["step_s"])
+        r["tokens_per_s"] = args.batch * args.seq / r["median_step_s"]
         print(
             f"{provider:>6}: {r['tokens_per_s']:.0f} tokens/s, median step "
             f"{r['median_step_s']:.2f} s, peak +{r['peak_added_bytes'] / 2**20:.0f} MiB, "

@@ -71,8 +71,10 @@ def _score(model: torch.nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tens
 def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     from transformers import DynamicCache
 
-    if model.training and torch.is_grad_enabled() and getattr(
-        model, "is_gradient_checkpointing", False
+    if (
+        model.training
+        and torch.is_grad_enabled()
+        and getattr(model, "is_gradient_checkpointing", False)
     ):
         # transformers' checkpointed layers run without the cache: the answers would not see
         # their prompt and the log-probs would be silently wrong

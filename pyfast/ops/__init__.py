@@ -1,6 +1,7 @@
 """Public entry points of the pyfast kernels (torch.ops.pyfast.*), with reference fallbacks."""
 
 from pyfast.ops.fused_adamw import fused_adamw_, grad_norm
+from pyfast.ops.fused_blocks import rms_norm, swiglu, swiglu_mlp
 from pyfast.ops.grad_mask import grad_mask_
 from pyfast.ops.token_logprobs import (
     causal_lm_loss,
@@ -23,4 +24,7 @@ __all__ = [
     "linear_cross_entropy",
     "causal_lm_token_logprobs",
     "causal_lm_loss",
+    "rms_norm",
+    "swiglu",
+    "swiglu_mlp",
 ]

@@ -19,6 +19,7 @@ pure-PyTorch twins in :mod:`pyfast.ops.reference`, so the memory saving holds on
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 import weakref
@@ -198,7 +199,8 @@ class _LeanNorms:
         if entry is not None:
             y = entry[0]()
             # the norm's output itself or a reshape of it (alive, so the address is its own)
-            if y is not None and t.numel() == y.numel() and t.dtype == y.dtype and t.is_contiguous():
+            same = y is not None and t.numel() == y.numel() and t.dtype == y.dtype
+            if same and t.is_contiguous():
                 return (_LeanNorms, entry[1], entry[2], entry[3], t.shape)
         return t
 
@@ -235,11 +237,19 @@ def _fused_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return y
 
 
-def _lean_body_forward(self, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return type(self).forward(self, *args, **kwargs)
-    with _LeanNorms():
-        return type(self).forward(self, *args, **kwargs)
+def _lean_body_forward(module: nn.Module):
+    """The body's forward under :class:`_LeanNorms` when gradients are on (its signature kept:
+    callers inspect it, e.g. for the name of the cache argument)."""
+    stock = type(module).forward
+
+    @functools.wraps(stock)
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return stock(self, *args, **kwargs)
+        with _LeanNorms():
+            return stock(self, *args, **kwargs)
+
+    return types.MethodType(forward, module)
 
 
 def _fused_mlp_forward(self, x: Tensor) -> Tensor:
@@ -274,7 +284,7 @@ def fuse_decoder_blocks(model: nn.Module) -> int:
         elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
             m.forward = types.MethodType(_fused_mlp_forward, m)
         elif name in BODY_CLASSES:
-            m.forward = types.MethodType(_lean_body_forward, m)
+            m.forward = _lean_body_forward(m)
         else:
             continue
         if not getattr(m, "_pyfast_fused", False):
@@ -323,6 +333,4 @@ if HAS_C:
         gate, up = ctx.saved_tensors
         return torch.ops.pyfast.swiglu_backward(grad.contiguous(), gate, up)
 
-    torch.library.register_autograd(
-        "pyfast::swiglu", _swiglu_backward, setup_context=_swiglu_setup
-    )
+    torch.library.register_autograd("pyfast::swiglu", _swiglu_backward, setup_context=_swiglu_setup)

@@ -135,7 +135,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return weight * (xf * rstd.unsqueeze(-1)).to(x.dtype), rstd
 
 
-def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+def rms_norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dweight) of rms_norm from the saved per-row rstd."""
     acc = rstd.dtype
     xf, r = x.to(acc), rstd.unsqueeze(-1)

@@ -135,4 +135,5 @@ def test_gradient_checkpointing_refuses_the_shared_prompt_layout(tokenizer, pair
     plain = make_tiny_llama(len(tokenizer), seed=3).train()
     a = pair_logps(model, collate_pairs(pairs[:2], pad))
     b = pair_logps(plain, collate_pairs(pairs[:2], pad))
-    assert torch.allclose(a.chosen, b.chosen, atol=1e-5) and torch.allclose(a.rejected, b.rejected, atol=1e-5)
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-5)
+    assert torch.allclose(a.rejected, b.rejected, atol=1e-5)
