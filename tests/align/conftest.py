@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_llama
+
 PAIRS = Path(__file__).parents[2] / "data" / "hh_rlhf_harmless_base" / "pairs_300.jsonl"
 
 # A minimal ChatML template (the format SmolLM2-Instruct uses).
@@ -57,20 +59,7 @@ def build_tokenizer():
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size, seed, max_positions=1024)
 
 
 @pytest.fixture

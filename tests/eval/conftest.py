@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_llama
+
 DATA = Path(__file__).parent.parent / "data" / "benchmarks"
 REFERENCE = Path(__file__).parent.parent / "data" / "lm_eval_reference"
 
@@ -43,20 +45,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     """A random 2-layer LlamaForCausalLM (hidden 32, GQA 4/2 heads), float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(len(tiny_tokenizer))
     with torch.no_grad():  # larger logits than the default init, so choices differ clearly
         model.lm_head.weight.mul_(40.0)
     return model

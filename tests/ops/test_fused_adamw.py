@@ -357,19 +357,9 @@ def test_update_in_backward_equals_step_and_frees_gradients():
     tied weights included, with masks, and leave no gradient behind."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import tiny_llama
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    a = LlamaForCausalLM(cfg)
+    a = tiny_llama(64).train()
     b = copy.deepcopy(a)
     a.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a frozen module
     b.model.layers[0].mlp.up_proj.weight.requires_grad_(False)

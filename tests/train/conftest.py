@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.conftest import tiny_llama
 from tests.eval.conftest import DATA, tiny_tokenizer  # noqa: F401 - re-exported fixture
 
 ARC_TRAIN = DATA / "arc_easy" / "train.jsonl"
@@ -18,21 +18,10 @@ ARC_TRAIN = DATA / "arc_easy" / "train.jsonl"
 @pytest.fixture(scope="session")
 def tiny_train_dir(tiny_tokenizer, tmp_path_factory):  # noqa: F811
     """A random 2-layer LlamaForCausalLM (hidden 32, tied head) saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
     path = tmp_path_factory.mktemp("tiny_train_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tiny_llama(len(tiny_tokenizer), max_positions=256).save_pretrained(
+        path, safe_serialization=True
+    )
     tiny_tokenizer.save_pretrained(path)
     return path
 
