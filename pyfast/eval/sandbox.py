@@ -112,6 +112,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _wait_group_gone(pgid: int, deadline: float) -> None:
+    """Waits (until `deadline`, time.monotonic) for the last process of group `pgid` to go: killed
+    processes of the program that do not hold the result pipe (a fork bomb's) are still dying
+    when the pipe reaches EOF."""
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
+
+
 def run_program(
     program: str, limits: Limits | None = None, *, isolation: str = "auto"
 ) -> ExecResult:
@@ -170,11 +182,13 @@ def run_program(
                     pass
             _kill_group(proc)  # also reaps stragglers of the basic mode's process group
             proc.wait()
+            reap_deadline = time.monotonic() + REAP_WAIT_S
+            _wait_group_gone(proc.pid, reap_deadline)
             out.seek(0, os.SEEK_END)
             size = out.tell()
             out.seek(max(0, size - OUTPUT_TAIL * 4))
             output = out.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
-        lines = _drain(read_fd, REAP_WAIT_S).split(b"\n")
+        lines = _drain(read_fd, max(0.5, reap_deadline - time.monotonic())).split(b"\n")
     finally:
         os.close(read_fd)
         if write_fd >= 0:
