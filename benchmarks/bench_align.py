@@ -211,6 +211,7 @@ def _pyfast_state(args, ref=None) -> dict:
     del model, lp
     policy.train()
     opt = FusedAdamW(policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype)
+    opt.allocate_state()  # as the recipes do
     if args.in_backward:
         opt.update_in_backward()  # no clipping (as TRL's step): the same update
     return {"policy": policy, "batch": batch, "ref": ref_logps, "opt": opt}
