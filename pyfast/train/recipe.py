@@ -340,8 +340,13 @@ class Recipe:
         if not math.isfinite(step_loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
-                f"non-finite training loss ({step_loss}) at step {self.step + 1}: stopped before "
-                "the update; lower optim.lr, check the data, or use precision=float32"
+                f"non-finite training loss ({step_loss}) at step {self.step + 1}: stopped "
+                + (
+                    "(the update already ran inside backward: optim.update_in_backward)"
+                    if getattr(self.optimizer, "updates_in_backward", False)
+                    else "before the update"
+                )
+                + "; lower optim.lr, check the data, or use precision=float32"
                 + (
                     f" (best checkpoint of step {self.best_step} kept in {self.out / 'best'})"
                     if self.best_step is not None
