@@ -51,6 +51,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def write_figure(path: str | os.PathLike, fig, dpi: int = 110) -> Path:
+    """Saves a matplotlib figure as PNG, atomically, and closes it (even if the save fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
 def parse_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line of JSONL `text` read from `path`.
 

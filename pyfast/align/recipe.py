@@ -281,7 +281,7 @@ def plot_preference_metrics(history: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pyfast.io import atomic_write
+    from pyfast.io import write_figure
 
     if not any(k in h or f"eval_{k}" in h for h in history for k in PLOTTED):
         return None
@@ -297,6 +297,4 @@ def plot_preference_metrics(history: list[dict], path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return write_figure(path, fig, dpi=100)

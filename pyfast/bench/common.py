@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pyfast.io import atomic_write
+from pyfast.io import write_figure
 
 
 def sync(device: torch.device) -> None:
@@ -191,6 +191,4 @@ def plot_speedups(results: list[Result], path: Path, title: str) -> Path | None:
     ax.set_xlabel("speed-up over the fastest baseline of each case (higher is better)")
     ax.set_title(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return write_figure(path, fig, dpi=110)

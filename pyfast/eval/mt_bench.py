@@ -23,7 +23,7 @@ from pathlib import Path
 from pyfast.eval import metrics
 from pyfast.eval.data import DataStore
 from pyfast.eval.judge import JudgeError, parse_rating
-from pyfast.io import atomic_write
+from pyfast.io import atomic_write, write_figure
 
 CATEGORIES = (
     "writing",
@@ -306,14 +306,7 @@ def radar_chart(scores: dict[str, float], path: Path, title: str) -> Path:
     ax.set_ylim(0, 10)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=120)
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    return write_figure(path, fig, dpi=120)
 
 
 def answer_and_judge(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pyfast.io import atomic_write, write_json, write_text
+from pyfast.io import atomic_write, write_figure, write_json, write_text
 
 
 def _fmt(v) -> str:
@@ -57,14 +57,7 @@ def bar_chart(out: dict, path: Path) -> Path:
     ax.set_ylabel("score")
     ax.set_title(f"pyfast eval: {out['model'].get('spec', '?')}", fontsize=9)
     fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=120)
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    return write_figure(path, fig, dpi=120)
 
 
 def write_run(out: dict, folder: str | Path) -> list[Path]:

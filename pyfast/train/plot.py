@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyfast.io import atomic_write
+from pyfast.io import write_figure
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "training loss") -> Path | None:
@@ -29,6 +29,4 @@ def plot_losses(history: list[dict], path: Path, title: str = "training loss") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return Path(path)
+    return write_figure(path, fig, dpi=110)
