@@ -62,42 +62,82 @@ double row_sumsq(const double* x, int64_t d) {
   return s;
 }
 
+// One row of the forward: y = w * (x * rs) with LlamaRMSNorm's two roundings,
+// (x * rstd).to(dtype), then weight * that.
+template <typename T, typename Acc>
+void forward_row(const T* xr, const T* w, T* yr, Acc rs, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    const T n = static_cast<T>(static_cast<Acc>(xr[j]) * rs);
+    yr[j] = static_cast<T>(static_cast<Acc>(w[j]) * static_cast<Acc>(n));
+  }
+}
+// float32 with SIMD (the hot path of fp32 training and evaluation): the same two products.
+void forward_row(const float* xr, const float* w, float* yr, float rs, int64_t d) {
+  using cpu::Vec;
+  constexpr int64_t W = Vec::size();
+  const Vec vr(rs);
+  int64_t j = 0;
+  for (; j + W <= d; j += W) (Vec::loadu(w + j) * (Vec::loadu(xr + j) * vr)).store(yr + j);
+  for (; j < d; ++j) yr[j] = w[j] * (xr[j] * rs);
+}
+
 template <typename T, typename Acc>
 void forward_rows(const T* x, const T* w, T* y, Acc* rstd, int64_t rows, int64_t d, double eps) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const T* xr = x + r * d;
-      T* yr = y + r * d;
-      const Acc ms = static_cast<Acc>(row_sumsq(xr, d)) / static_cast<Acc>(d);
-      const Acc rs = Acc(1) / std::sqrt(ms + static_cast<Acc>(eps));
-      rstd[r] = rs;
-      for (int64_t j = 0; j < d; ++j) {
-        // Two roundings, as LlamaRMSNorm: (x * rstd).to(dtype), then weight * that.
-        const T n = static_cast<T>(static_cast<Acc>(xr[j]) * rs);
-        yr[j] = static_cast<T>(static_cast<Acc>(w[j]) * static_cast<Acc>(n));
-      }
+      const Acc ms = static_cast<Acc>(row_sumsq(x + r * d, d)) / static_cast<Acc>(d);
+      rstd[r] = Acc(1) / std::sqrt(ms + static_cast<Acc>(eps));
+      forward_row(x + r * d, w, y + r * d, rstd[r], d);
     }
   });
 }
 
-// float32 forward with SIMD (the hot path of fp32 training and evaluation).
-void forward_rows_f32(const float* x, const float* w, float* y, float* rstd, int64_t rows,
-                      int64_t d, double eps) {
+// One row of the backward: adds dy * n to the chunk's dw partial sums and writes dx.
+// `g` is scratch of d entries (the generic path keeps dy * w between its two passes).
+template <typename T, typename Acc>
+void backward_row(const T* dyr, const T* xr, const T* w, Acc rs, T* dxr, Acc* part, Acc* g,
+                  int64_t d) {
+  Acc dot = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const Acc n = static_cast<Acc>(xr[j]) * rs;
+    const Acc gy = static_cast<Acc>(dyr[j]);
+    // dw sees the normalised x as the forward rounded it.
+    part[j] += gy * static_cast<Acc>(static_cast<T>(n));
+    g[j] = gy * static_cast<Acc>(w[j]);
+    dot += g[j] * n;
+  }
+  const Acc k = dot / static_cast<Acc>(d);
+  for (int64_t j = 0; j < d; ++j)
+    dxr[j] = static_cast<T>(rs * (g[j] - static_cast<Acc>(xr[j]) * rs * k));
+}
+// float32 with SIMD: recomputes dy * w in the second pass instead of keeping it.
+void backward_row(const float* dyr, const float* xr, const float* w, float rs, float* dxr,
+                  float* part, float* /*g*/, int64_t d) {
   using cpu::Vec;
   constexpr int64_t W = Vec::size();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* xr = x + r * d;
-      float* yr = y + r * d;
-      const float rs =
-          1.f / std::sqrt(row_sumsq(xr, d) / static_cast<float>(d) + static_cast<float>(eps));
-      rstd[r] = rs;
-      const Vec vr(rs);
-      int64_t j = 0;
-      for (; j + W <= d; j += W) (Vec::loadu(w + j) * (Vec::loadu(xr + j) * vr)).store(yr + j);
-      for (; j < d; ++j) yr[j] = w[j] * (xr[j] * rs);
-    }
-  });
+  const Vec vr(rs);
+  Vec vdot(0.f);
+  int64_t j = 0;
+  for (; j + W <= d; j += W) {
+    const Vec n = Vec::loadu(xr + j) * vr;
+    const Vec gy = Vec::loadu(dyr + j);
+    at::vec::fmadd(gy, n, Vec::loadu(part + j)).store(part + j);
+    vdot = at::vec::fmadd(gy * Vec::loadu(w + j), n, vdot);
+  }
+  float dot = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vdot);
+  for (int64_t jj = j; jj < d; ++jj) {
+    const float n = xr[jj] * rs;
+    part[jj] += dyr[jj] * n;
+    dot += dyr[jj] * w[jj] * n;
+  }
+  const float k = dot / static_cast<float>(d);
+  const Vec vk(k);
+  for (j = 0; j + W <= d; j += W) {
+    const Vec n = Vec::loadu(xr + j) * vr;
+    const Vec g = Vec::loadu(dyr + j) * Vec::loadu(w + j);
+    (vr * (g - n * vk)).store(dxr + j);
+  }
+  for (; j < d; ++j) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * rs * k);
 }
 
 // Rows per chunk of the weight-gradient reduction: fixed by the shape only.
@@ -114,68 +154,8 @@ void backward_rows(const T* dy, const T* x, const T* w, const Acc* rstd, T* dx, 
       Acc* part = dw_parts + c * d;
       std::fill(part, part + d, Acc(0));
       const int64_t r1 = std::min(rows, (c + 1) * chunk);
-      for (int64_t r = c * chunk; r < r1; ++r) {
-        const T* xr = x + r * d;
-        const T* dyr = dy + r * d;
-        T* dxr = dx + r * d;
-        const Acc rs = rstd[r];
-        Acc dot = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          const Acc n = static_cast<Acc>(xr[j]) * rs;
-          const Acc gy = static_cast<Acc>(dyr[j]);
-          // dw sees the normalised x as the forward rounded it.
-          part[j] += gy * static_cast<Acc>(static_cast<T>(n));
-          g[j] = gy * static_cast<Acc>(w[j]);
-          dot += g[j] * n;
-        }
-        const Acc k = dot / static_cast<Acc>(d);
-        for (int64_t j = 0; j < d; ++j)
-          dxr[j] = static_cast<T>(rs * (g[j] - static_cast<Acc>(xr[j]) * rs * k));
-      }
-    }
-  });
-}
-
-void backward_rows_f32(const float* dy, const float* x, const float* w, const float* rstd,
-                       float* dx, float* dw_parts, int64_t rows, int64_t d) {
-  using cpu::Vec;
-  constexpr int64_t W = Vec::size();
-  const int64_t chunk = dw_chunk(rows);
-  const int64_t nchunks = (rows + chunk - 1) / chunk;
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      float* part = dw_parts + c * d;
-      std::fill(part, part + d, 0.f);
-      const int64_t r1 = std::min(rows, (c + 1) * chunk);
-      for (int64_t r = c * chunk; r < r1; ++r) {
-        const float* xr = x + r * d;
-        const float* dyr = dy + r * d;
-        float* dxr = dx + r * d;
-        const float rs = rstd[r];
-        const Vec vr(rs);
-        Vec vdot(0.f);
-        int64_t j = 0;
-        for (; j + W <= d; j += W) {
-          const Vec n = Vec::loadu(xr + j) * vr;
-          const Vec gy = Vec::loadu(dyr + j);
-          at::vec::fmadd(gy, n, Vec::loadu(part + j)).store(part + j);
-          vdot = at::vec::fmadd(gy * Vec::loadu(w + j), n, vdot);
-        }
-        float dot = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vdot);
-        for (int64_t jj = j; jj < d; ++jj) {
-          const float n = xr[jj] * rs;
-          part[jj] += dyr[jj] * n;
-          dot += dyr[jj] * w[jj] * n;
-        }
-        const float k = dot / static_cast<float>(d);
-        const Vec vk(k);
-        for (j = 0; j + W <= d; j += W) {
-          const Vec n = Vec::loadu(xr + j) * vr;
-          const Vec g = Vec::loadu(dyr + j) * Vec::loadu(w + j);
-          (vr * (g - n * vk)).store(dxr + j);
-        }
-        for (; j < d; ++j) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * rs * k);
-      }
+      for (int64_t r = c * chunk; r < r1; ++r)
+        backward_row(dy + r * d, x + r * d, w, rstd[r], dx + r * d, part, g.data(), d);
     }
   });
 }
@@ -195,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   at::Tensor rstd = at::empty(lead, x.options().dtype(acc));
   if (rows == 0) return {y, rstd};
   if (x.scalar_type() == at::kFloat) {
-    forward_rows_f32(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(),
-                     rstd.data_ptr<float>(), rows, d, eps);
+    forward_rows<float, float>(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(),
+                               rstd.data_ptr<float>(), rows, d, eps);
   } else if (x.scalar_type() == at::kBFloat16) {
     forward_rows<at::BFloat16, float>(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(),
                                       y.data_ptr<at::BFloat16>(), rstd.data_ptr<float>(), rows, d,
@@ -229,9 +209,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy_in
   const int64_t nchunks = (rows + dw_chunk(rows) - 1) / dw_chunk(rows);
   at::Tensor parts = at::empty({nchunks, d}, x.options().dtype(acc));
   if (x.scalar_type() == at::kFloat) {
-    backward_rows_f32(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
-                      rstd.data_ptr<float>(), dx.data_ptr<float>(), parts.data_ptr<float>(), rows,
-                      d);
+    backward_rows<float, float>(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
+                                rstd.data_ptr<float>(), dx.data_ptr<float>(),
+                                parts.data_ptr<float>(), rows, d);
   } else if (x.scalar_type() == at::kBFloat16) {
     backward_rows<at::BFloat16, float>(dy.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(),
                                        w.data_ptr<at::BFloat16>(), rstd.data_ptr<float>(),
