@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -37,3 +38,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 512, **overr
                num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=max_positions, tie_word_embeddings=True)  # fmt: skip
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

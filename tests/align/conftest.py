@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, torch_threads
 
 PAIRS = Path(__file__).parents[2] / "data" / "hh_rlhf_harmless_base" / "pairs_300.jsonl"
 
@@ -22,10 +21,8 @@ CHATML = (
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny matmuls run much faster on one thread of a shared CPU; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

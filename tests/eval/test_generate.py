@@ -12,6 +12,7 @@ from pyfast.eval import HFLM, evaluate, get_task, metrics
 from pyfast.eval.data import DataStore
 from pyfast.eval.gen_task import _Regex
 from pyfast.eval.generation import normalize_gen_kwargs, parse_gen_kwargs
+from tests.conftest import torch_threads
 
 from .conftest import DATA, REFERENCE
 
@@ -38,10 +39,8 @@ def _hf_generate(model, tok, context, n, until):
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The tiny model's matmuls are microseconds: one thread avoids OpenMP waits on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
