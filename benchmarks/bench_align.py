@@ -22,7 +22,10 @@ log 2 of policy == reference).
   FusedAdamW.step() (no clipping: TRL's training_step + optimizer.step does not clip either). A
   second pyfast row ("update in backward") measures the memory with FusedAdamW.update_in_backward
   (each gradient used and freed as soon as it is complete; the same update); its times are the
-  same work and are not re-measured. TRL runs the stock transformers modules.
+  same work and are not re-measured. Two more rows ("recompute_mlp", `model.recompute_mlp` in a
+  config) keep only each MLP's input for backward and recompute its gate and up projections
+  there: less memory for two more matmuls per layer; their time is measured. TRL runs the stock
+  transformers modules.
 
 Memory: each side runs in its own fresh subprocess (one after the other, in this one invocation),
 so peak memories do not mix: the peak resident memory of the whole job above the process's
@@ -59,10 +62,10 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
-def _load(model_spec: str, noise: bool, fuse_blocks: bool):
+def _load(model_spec: str, noise: bool, fuse_blocks: bool, recompute_mlp: bool = False):
     from pyfast.models import load_model
 
-    model, tok, _ = load_model(model_spec, fuse_blocks=fuse_blocks)
+    model, tok, _ = load_model(model_spec, fuse_blocks=fuse_blocks, recompute_mlp=recompute_mlp)
     if noise:
         _add_noise(model)
     if tok.pad_token_id is None:
@@ -199,7 +202,9 @@ def _pyfast_state(args, ref=None) -> dict:
     from pyfast.optim import FusedAdamW
 
     batch = collate_shared_prompt(_pairs_of(torch.load(args.batch_file)), pad_id=0)
-    model = ref if ref is not None else _load(args.model, noise=False, fuse_blocks=True)[0]
+    model = ref
+    if ref is None:
+        model = _load(args.model, False, fuse_blocks=True, recompute_mlp=args.recompute_mlp)[0]
     with torch.no_grad():
         lp = pair_logps(model.eval(), batch)
     ref_logps = (lp.chosen.float(), lp.rejected.float())
@@ -207,7 +212,7 @@ def _pyfast_state(args, ref=None) -> dict:
         policy = model
         _add_noise(policy)
     else:
-        policy, _ = _load(args.model, noise=True, fuse_blocks=True)
+        policy, _ = _load(args.model, True, fuse_blocks=True, recompute_mlp=args.recompute_mlp)
     del model, lp
     policy.train()
     opt = FusedAdamW(policy.parameters(), lr=LR, weight_decay=0.0, state_dtype=args.state_dtype)
@@ -244,12 +249,20 @@ def worker_interleaved(args) -> dict:
     load on a shared CPU (memory comes from the separate workers)."""
     import time
 
+    from pyfast.ops.fused_blocks import fuse_decoder_blocks
+
     trainer, batch = _trl_trainer(args)
     state = _pyfast_state(args, ref=trainer.ref_model)
-    times = {"trl": [], "pyfast": []}
+
+    def pyfast(recompute: bool):
+        fuse_decoder_blocks(state["policy"], recompute_mlp=recompute)  # sets the mode anew
+        return _pyfast_step(state)
+
+    times = {"trl": [], "pyfast": [], "pyfast, recompute_mlp": []}
     for i in range(args.rounds + 1):  # round 0: warm-up (optimizer state allocation)
         for name, fn in (("trl", lambda: _trl_step(trainer, batch)),
-                         ("pyfast", lambda: _pyfast_step(state))):  # fmt: skip
+                         ("pyfast", lambda: pyfast(False)),
+                         ("pyfast, recompute_mlp", lambda: pyfast(True))):  # fmt: skip
             t0 = time.perf_counter()
             fn()
             if i:
@@ -262,7 +275,12 @@ def worker_interleaved(args) -> dict:
 
 
 def _run_worker(
-    provider: str, args, batch_file: str, state_dtype: str | None = None, in_backward: bool = False
+    provider: str,
+    args,
+    batch_file: str,
+    state_dtype: str | None = None,
+    in_backward: bool = False,
+    recompute_mlp: bool = False,
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -271,7 +289,7 @@ def _run_worker(
            "--max-length", str(args.max_length), "--rounds", str(args.rounds)]  # fmt: skip
     if state_dtype:
         cmd += ["--state-dtype", state_dtype]
-    cmd += ["--in-backward", str(int(in_backward))]
+    cmd += ["--in-backward", str(int(in_backward)), "--recompute-mlp", str(int(recompute_mlp))]
     subprocess.run(cmd, check=True)
     return json.loads(Path(out).read_text())
 
@@ -289,6 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument("--state-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--in-backward", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--recompute-mlp", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.worker:
@@ -305,6 +324,10 @@ def main(argv=None) -> int:
     rows = {"trl": _run_worker("trl", args, batch_file)}  # writes the batch pyfast reuses
     rows["pyfast"] = _run_worker("pyfast", args, batch_file)
     rows["pyfast, update in backward"] = _run_worker("pyfast", args, batch_file, in_backward=True)
+    rows["pyfast, recompute_mlp"] = _run_worker("pyfast", args, batch_file, recompute_mlp=True)
+    rows["pyfast, recompute_mlp + update in backward"] = _run_worker(
+        "pyfast", args, batch_file, in_backward=True, recompute_mlp=True
+    )
     if args.bf16_state:
         rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
     # Times: both providers alternating in one process (the separate workers' times are kept in
@@ -312,7 +335,9 @@ def main(argv=None) -> int:
     timing = _run_worker("interleaved", args, batch_file)
     for name, r in rows.items():
         r["separate_median_s"], r["separate_min_s"] = r.pop("median_s"), r.pop("min_s")
-        t = timing["trl" if name == "trl" else "pyfast"]  # the same work for every pyfast row
+        # update in backward and the bf16 state do the same work as the row they extend
+        t = timing["trl" if name == "trl" else
+                   "pyfast, recompute_mlp" if "recompute_mlp" in name else "pyfast"]  # fmt: skip
         r["median_s"], r["min_s"], r["times_s"] = t["median_s"], t["min_s"], t["times_s"]
     saved = torch.load(batch_file)
     trl_row = rows["trl"]

@@ -1,11 +1,16 @@
 """pyfast's training loop vs a plain transformers + torch loop: tokens/s, peak memory, losses.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py [--model default] [--batch 4] [--seq 256]
-        [--steps 6] [--warmup 1] [--precision float32] [--output results/bench_train]
+        [--steps 6] [--warmup 1] [--precision float32] [--loss full|completion]
+        [--output results/bench_train]
 
 Both loops do full fine-tuning of the same model (same initial weights, float32 master weights)
 on the same batches (ARC-Easy train questions from data/, packed into `--seq`-token rows), at the
-same batch size, sequence length and precision, with the same optimizer hyper-parameters:
+same batch size, sequence length and precision, with the same optimizer hyper-parameters and the
+same loss: `--loss full` (the default) on every next token, as language-model training on plain
+text; `--loss completion` on the answers only ("Question: ...\nAnswer:" targets -100, as
+`pyfast train` does by default for prompt/completion data and as the `make demo` config trains),
+given to Hugging Face as `labels` with -100 and to pyfast's fused loss as the same targets.
 
 * plain: ``model(input_ids, labels=labels).loss`` (Hugging Face's loss over the full logits),
   ``torch.optim.AdamW(fused=True)``, ``torch.nn.utils.clip_grad_norm_``;
@@ -40,19 +45,30 @@ ROOT = Path(__file__).resolve().parents[1]
 LR, WD, CLIP = 1e-5, 0.0, 1.0
 
 
-def batches(tokenizer, batch: int, seq: int, steps: int) -> list[torch.Tensor]:
-    """`steps` tensors (batch, seq) of packed ARC-Easy train text (question + answer)."""
+def batches(tokenizer, batch: int, seq: int, steps: int, loss: str = "full") -> list[tuple]:
+    """`steps` (ids, labels) pairs of (batch, seq) tensors: packed ARC-Easy train text (question
+    + answer); labels are the ids, with -100 on the questions for `loss` "completion"."""
     ids: list[int] = []
+    labels: list[int] = []
     need = batch * seq * steps
     with open(ROOT / "data" / "arc_easy" / "train.jsonl", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             answer = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
-            ids += tokenizer(f"Question: {row['question']}\nAnswer: {answer}\n\n")["input_ids"]
+            if loss == "full":
+                new = tokenizer(f"Question: {row['question']}\nAnswer: {answer}\n\n")["input_ids"]
+                ids += new
+                labels += new
+            else:
+                prompt = tokenizer(f"Question: {row['question']}\nAnswer:")["input_ids"]
+                completion = tokenizer(f" {answer}\n\n")["input_ids"]
+                ids += prompt + completion
+                labels += [-100] * len(prompt) + completion
             if len(ids) >= need:
                 break
     flat = torch.tensor(ids[:need]).view(steps, batch, seq)
-    return list(flat)
+    flat_labels = torch.tensor(labels[:need]).view(steps, batch, seq)
+    return list(zip(flat, flat_labels, strict=True))
 
 
 def build_step(provider: str, args):
@@ -77,9 +93,9 @@ def build_step(provider: str, args):
     if provider == "plain":
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
 
-        def step(ids):
+        def step(ids, labels):
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, CLIP)
             opt.step()
@@ -95,11 +111,11 @@ def build_step(provider: str, args):
         opt.allocate_state()  # as pyfast.train.Recipe does
         head = model.get_output_embeddings()
 
-        def step(ids):
+        def step(ids, labels):
             with autocast:
                 hidden = causal_lm_hidden(model, ids)
             loss = linear_cross_entropy(
-                hidden.to(head.weight.dtype), head.weight, shifted_labels(ids)
+                hidden.to(head.weight.dtype), head.weight, shifted_labels(labels)
             )
             loss.backward()
             opt.step()  # clipping fused into the update
@@ -112,11 +128,11 @@ def build_step(provider: str, args):
 def run_provider(args) -> dict:
     """One provider alone in this process: its losses and peak memory (and its own times)."""
     step, mem, tok = build_step(args.provider, args)
-    data = batches(tok, args.batch, args.seq, args.steps)
+    data = batches(tok, args.batch, args.seq, args.steps, args.loss)
     losses, times = [], []
-    for ids in data:
+    for ids, labels in data:
         t0 = time.perf_counter()
-        losses.append(step(ids))
+        losses.append(step(ids, labels))
         times.append(time.perf_counter() - t0)
     mem.__exit__(None, None, None)
     return {
@@ -124,6 +140,8 @@ def run_provider(args) -> dict:
         "losses": losses,
         "separate_step_s": times,
         "peak_added_bytes": mem.peak_bytes,
+        # next-token targets per step (of batch * (seq - 1))
+        "targets_per_step": [int((labels[:, 1:] != -100).sum()) for _, labels in data],
     }
 
 
@@ -131,12 +149,12 @@ def run_interleaved(args) -> dict:
     """Both providers in one process, alternating steps on the same batches, so that both see
     the same machine load: per-step times of each."""
     steps = {name: build_step(name, args) for name in ("plain", "pyfast")}
-    data = batches(steps["plain"][2], args.batch, args.seq, args.steps)
+    data = batches(steps["plain"][2], args.batch, args.seq, args.steps, args.loss)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for ids in data:
+    for ids, labels in data:
         for name, (step, _, _) in steps.items():
             t0 = time.perf_counter()
-            step(ids)
+            step(ids, labels)
             times[name].append(time.perf_counter() - t0)
     return {"provider": "interleaved", "step_s": times}
 
@@ -149,6 +167,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--loss", choices=["full", "completion"], default="full",
+                   help="targets: every next token, or answers only")  # fmt: skip
     p.add_argument("--output", default="results/bench_train")
     p.add_argument("--provider", choices=["plain", "pyfast", "interleaved"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -196,7 +216,9 @@ def main() -> int:
     print(
         f"\npyfast / plain: {summary['speedup_tokens_per_s']:.2f}x tokens/s, "
         f"{summary['peak_memory_ratio']:.2f}x peak memory; losses agree within "
-        f"{rel:.2e} (relative); load average {os.getloadavg()[0]:.1f}\n"
+        f"{rel:.2e} (relative); loss on {args.loss} ({fast['targets_per_step'][0]} targets in "
+        f"the first step's {args.batch * args.seq} tokens); load average "
+        f"{os.getloadavg()[0]:.1f}\n"
         f"written to {out / 'results.json'}"
     )
     return 0

@@ -115,12 +115,20 @@ def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
     )
 
 
-def load_model(spec: str | os.PathLike, device="cpu", dtype="float32", fuse_blocks: bool = True):
+def load_model(
+    spec: str | os.PathLike,
+    device="cpu",
+    dtype="float32",
+    fuse_blocks: bool = True,
+    recompute_mlp: bool = False,
+):
     """Loads (model, tokenizer, identity) for `spec` = 'default' | folder | file.gguf.
 
     fuse_blocks: run the RMSNorm and SwiGLU-MLP modules of Llama-family models through pyfast's
     fused ops (:func:`pyfast.ops.fused_blocks.fuse_decoder_blocks`: same results, less time and
-    activation memory); identity["fused_blocks"] counts the modules swapped.
+    activation memory); identity["fused_blocks"] counts the modules swapped. recompute_mlp (with
+    fuse_blocks): the MLPs keep only their input for backward and recompute their two up
+    projections there (less activation memory for two more matmuls per layer).
 
     The model is in eval mode on `device` with `dtype`; identity is a JSON-able dict (kind, path,
     architecture, parameter count). Raises ValueError/FileNotFoundError for a bad `spec`.
@@ -143,7 +151,7 @@ def load_model(spec: str | os.PathLike, device="cpu", dtype="float32", fuse_bloc
     if fuse_blocks:
         from pyfast.ops.fused_blocks import fuse_decoder_blocks
 
-        fused = fuse_decoder_blocks(model)
+        fused = fuse_decoder_blocks(model, recompute_mlp=recompute_mlp)
     identity = {
         "spec": str(spec),
         "kind": kind,

@@ -6,10 +6,15 @@
 - :func:`swiglu_mlp`: ``down(silu(gate(x)) * up(x))`` whose backward recomputes the product from
   ``gate(x)`` and ``up(x)``: autograd keeps x, gate(x) and up(x) instead of also silu(gate(x)) and
   the product — two (tokens, intermediate) tensors per layer fewer. The matmuls are torch's.
+  With ``recompute=True`` it keeps only x and recomputes gate(x) and up(x) in backward (two
+  more matmuls for two (tokens, intermediate) tensors fewer: selective recomputation).
 - :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
   for the module classes whose forward is exactly Llama's (same math, same rounding order), and
   makes the decoder body keep each norm's output as a recipe for backward (recomputed from the
-  norm's input, which backward keeps anyway) instead of the tensor.
+  norm's input, which backward keeps anyway) instead of the tensor; its grouped-query attention
+  layers run SDPA on the key/value heads as they are (``enable_gqa``) when a mask is given on the
+  CPU, where transformers copies keys and values once per query head (``repeat_kv``) and autograd
+  keeps the copies.
 
 Results equal the stock modules to float32 rounding (the row reduction order differs); they are
 checked against them, forward and backward, in tests/ops/test_fused_blocks.py. The compiled
@@ -37,6 +42,9 @@ Tensor = torch.Tensor
 # by tests/ops/test_fused_blocks.py against the installed transformers).
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# Attention modules whose forward hands (module, query, key, value, mask, dropout, scaling) to
+# transformers' attention interface as Llama's does (checked by the same tests).
+ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 # Decoder bodies (embeddings + layers + final norm) whose forward runs under _LeanNorms.
 BODY_CLASSES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
 
@@ -117,20 +125,32 @@ class _SwiGLUMLP(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)); saves x, gate(x), up(x) and recomputes the product."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, recompute):
         # Autocast (if active) applies to these linears as in the stock module.
         gate = F.linear(x, w_gate, b_gate)
         up = F.linear(x, w_up, b_up)
         out = F.linear(_swiglu_fwd(gate, up), w_down, b_down)
-        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
+        ctx.cdt = gate.dtype  # the compute dtype (bfloat16 under autocast)
+        ctx.recompute = recompute
+        if recompute:  # the biases are parameters, kept anyway
+            ctx.save_for_backward(x, w_gate, w_up, w_down, b_gate, b_up)
+        else:
+            ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
         ctx.bias_dtypes = [None if b is None else b.dtype for b in (b_gate, b_up, b_down)]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        cdt = ctx.cdt
+        if ctx.recompute:
+            # the forward's linears again, on the forward's compute dtype: bit for bit its values
+            x, w_gate, w_up, w_down, b_gate, b_up = ctx.saved_tensors
+            xc = x.to(cdt)
+            gate = F.linear(xc, w_gate.to(cdt), None if b_gate is None else b_gate.to(cdt))
+            up = F.linear(xc, w_up.to(cdt), None if b_up is None else b_up.to(cdt))
+        else:
+            x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
         need = ctx.needs_input_grad
-        cdt = gate.dtype  # the forward's compute dtype (bfloat16 under autocast)
         go = grad_out.to(cdt)
         g_wg = g_wu = g_wd = g_bg = g_bu = g_bd = g_x = None
         if need[3]:
@@ -150,7 +170,7 @@ class _SwiGLUMLP(torch.autograd.Function):
                 g_bu = _flat(d_up).sum(0).to(ctx.bias_dtypes[1])
             if need[0]:
                 g_x = (d_gate @ w_gate.to(cdt)).add_(d_up @ w_up.to(cdt)).to(x.dtype)
-        return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd
+        return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd, None
 
 
 def swiglu_mlp(
@@ -161,12 +181,14 @@ def swiglu_mlp(
     b_gate: Tensor | None = None,
     b_up: Tensor | None = None,
     b_down: Tensor | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """``F.linear(silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)``
-    (a Llama MLP), keeping only x, gate(x) and up(x) for backward."""
+    (a Llama MLP), keeping only x, gate(x) and up(x) for backward — or, with `recompute`, only x
+    (gate(x) and up(x) are computed again in backward; the gradients are the same bits)."""
     tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SwiGLUMLP.apply(*tensors)
+        return _SwiGLUMLP.apply(*tensors, bool(recompute))
     return F.linear(_swiglu_fwd(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
                     b_down)  # fmt: skip
 
@@ -257,39 +279,93 @@ def _fused_mlp_forward(self, x: Tensor) -> Tensor:
     # Wrapped projections (LoRA adapters, quantised layers) keep the stock path.
     if not (type(g) is nn.Linear and type(u) is nn.Linear and type(d) is nn.Linear):
         return type(self).forward(self, x)
-    return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias)
+    return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias,
+                      recompute=self._pyfast_recompute)  # fmt: skip
 
 
 def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_decoder_blocks(model: nn.Module) -> int:
-    """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
-    MLP_CLASSES) run the fused ops, and its decoder body (BODY_CLASSES) keep norm outputs as
-    recipes for backward (:class:`_LeanNorms`); returns how many modules were swapped.
-    Idempotent; other modules, and MLPs whose projections are wrapped (e.g. by LoRA), keep their
-    stock forward.
+def _gqa_sdpa_applies(module, query: Tensor, key: Tensor, value: Tensor, mask, kwargs) -> bool:
+    """Where transformers' SDPA path would copy keys and values per query head and torch's CPU
+    kernel takes them grouped instead: a marked module, several query heads per key/value head,
+    a mask (without one transformers already passes ``enable_gqa``), more than one query (one
+    query is regrouped without copies), CPU tensors, nothing but plain attention asked for."""
+    return (
+        getattr(module, "_pyfast_gqa", False)
+        and query.device.type == "cpu"
+        and mask is not None
+        and query.shape[2] > 1
+        and query.shape[1] != key.shape[1]
+        and key.shape[-1] == value.shape[-1]
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
-    The swap is per instance (a bound ``forward``), so it survives ``copy.deepcopy`` and leaves
-    the classes — and every other model in the process — untouched; state dicts are unchanged.
+
+@functools.cache
+def _install_gqa_sdpa() -> None:
+    """Puts a dispatcher in front of transformers' "sdpa" attention function, once per process:
+    modules marked by :func:`fuse_decoder_blocks` take the grouped path where it applies; every
+    other call (other models, other devices, other cases) goes to the stock function unchanged."""
+    from transformers import AttentionInterface
+
+    stock = AttentionInterface._global_mapping["sdpa"]
+
+    def sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if not _gqa_sdpa_applies(module, query, key, value, attention_mask, kwargs):
+            return stock(module, query, key, value, attention_mask, dropout=dropout,
+                         scaling=scaling, **kwargs)  # fmt: skip
+        # transformers' own call with the mask given: not causal-flagged, (B, T, H, D) out
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=False, enable_gqa=True,
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None
+
+    sdpa.stock = stock
+    AttentionInterface.register("sdpa", sdpa)
+
+
+def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
+    """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
+    MLP_CLASSES) run the fused ops, its grouped-query attention modules (ATTENTION_CLASSES) run
+    SDPA on grouped keys and values (see :func:`_gqa_sdpa_applies`), and its decoder body
+    (BODY_CLASSES) keep norm outputs as recipes for backward (:class:`_LeanNorms`); returns how
+    many modules were swapped. With `recompute_mlp` the MLPs keep only their input for backward
+    (:func:`swiglu_mlp` with ``recompute=True``). Idempotent (a second call sets
+    `recompute_mlp` anew); other modules, and MLPs whose projections are wrapped (e.g. by LoRA),
+    keep their stock forward.
+
+    The swap is per instance (a bound ``forward`` or a mark), so it survives ``copy.deepcopy``
+    and leaves the classes — and every other model in the process — untouched; state dicts are
+    unchanged.
     """
     n = 0
     for m in model.modules():
         name = type(m).__name__
+        if name in MLP_CLASSES:
+            m._pyfast_recompute = bool(recompute_mlp)
         if getattr(m, "_pyfast_fused", False):
             n += 1
-        elif name in RMSNORM_CLASSES and hasattr(m, "variance_epsilon"):
+            continue
+        if name in RMSNORM_CLASSES and hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_fused_norm_forward, m)
         elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
             m.forward = types.MethodType(_fused_mlp_forward, m)
+        elif name in ATTENTION_CLASSES and getattr(m, "num_key_value_groups", 1) > 1:
+            _install_gqa_sdpa()
+            m._pyfast_gqa = True
         elif name in BODY_CLASSES:
             m.forward = _lean_body_forward(m)
         else:
             continue
-        if not getattr(m, "_pyfast_fused", False):
-            m._pyfast_fused = True
-            n += 1
+        m._pyfast_fused = True
+        n += 1
     return n
 
 

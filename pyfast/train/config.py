@@ -31,6 +31,9 @@ class ModelConfig:
     # RMSNorm and SwiGLU MLP through pyfast's fused ops (Llama-family models; same results, less
     # activation memory): see pyfast.ops.fused_blocks
     fused_blocks: bool = True
+    # with fused_blocks: the MLPs keep only their input for backward and recompute gate(x) and
+    # up(x) there (two (tokens, intermediate) tensors per layer fewer, two more matmuls)
+    recompute_mlp: bool = False
 
 
 @dataclass
@@ -336,6 +339,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.freeze.top_blocks >= 0, "freeze.top_blocks must be >= 0"),
         (cfg.eval.every >= 0, "eval.every must be >= 0"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (
+            cfg.model.fused_blocks or not cfg.model.recompute_mlp,
+            "model.recompute_mlp needs model.fused_blocks: true (it is a mode of the fused MLP)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

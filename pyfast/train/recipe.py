@@ -106,6 +106,7 @@ class Recipe:
             device="cpu" if self.fsdp else self.cfg.device,
             dtype=self.cfg.model.dtype,
             fuse_blocks=self.cfg.model.fused_blocks,
+            recompute_mlp=self.cfg.model.recompute_mlp,
         )
         return model, tok
 

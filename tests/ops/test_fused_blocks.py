@@ -197,9 +197,9 @@ def test_swap_is_per_instance_deepcopy_safe_and_skips_lora():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = modeling_llama.LlamaForCausalLM(cfg)
-    # 2 norms + 1 MLP per layer, the final norm, the decoder body
-    assert fb.fuse_decoder_blocks(model) == 2 * 3 + 1 + 1
-    assert fb.fuse_decoder_blocks(model) == 8  # idempotent
+    # 2 norms + 1 MLP + 1 grouped-query attention per layer, the final norm, the decoder body
+    assert fb.fuse_decoder_blocks(model) == 2 * 4 + 1 + 1
+    assert fb.fuse_decoder_blocks(model) == 10  # idempotent
     assert modeling_llama.LlamaMLP.forward is not fb._fused_mlp_forward  # class untouched
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -212,6 +212,84 @@ def test_swap_is_per_instance_deepcopy_safe_and_skips_lora():
     stock_out = modeling_llama.LlamaMLP.forward(mlp, x := torch.randn(2, 32))
     mlp.up_proj = nn.Sequential(mlp.up_proj)
     assert torch.allclose(mlp(x), stock_out, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recompute_mlp_gives_the_same_bits_and_keeps_only_the_input(autocast):
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=96)
+    keep, _ = _pair(modeling_llama.LlamaMLP(cfg), torch.float32)
+    lean = copy.deepcopy(keep)
+    fb.fuse_decoder_blocks(keep)
+    fb.fuse_decoder_blocks(lean, recompute_mlp=True)
+    x = torch.randn(40, 32)
+    saved, grads = [], []
+    for m in (keep, lean):
+        seen = {}
+
+        def pack(t, seen=seen):
+            if t.dim() > 1 and t.shape[0] == 40:  # activations, not weights
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = m(xi)
+        y.float().square().sum().backward()
+        saved.append(sum(seen.values()))
+        grads.append([xi.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    assert saved == [40 * 32 * 4 + 2 * 40 * 96 * (2 if autocast else 4), 40 * 32 * 4]
+    fb.fuse_decoder_blocks(lean)  # a second call sets the mode anew
+    assert lean._pyfast_recompute is False
+
+
+def _saved_attention_keys(loss) -> list:
+    """The key tensors SDPA nodes keep for backward, found by walking the graph from `loss`."""
+    keys, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "ScaledDotProduct" in node.name():
+            keys.append(node._saved_key)
+        stack += [n for n, _ in node.next_functions]
+    return keys
+
+
+def test_grouped_query_attention_keeps_key_value_heads_and_matches_stock():
+    """With a padding mask transformers' SDPA path copies keys and values per query head
+    (repeat_kv) and autograd keeps the copies; the fused model's attention keeps the 2 key/value
+    heads, gives the stock logits and gradients, and the stock model in the same process keeps
+    its own path."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(6)
+    stock = modeling_llama.LlamaForCausalLM(cfg)
+    fused = copy.deepcopy(stock)
+    fb.fuse_decoder_blocks(fused)
+    ids = torch.randint(0, 64, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :4] = 0  # left padding: a mask reaches attention
+    losses = []
+    for model in (stock, fused):
+        out = model(ids, attention_mask=mask, labels=ids)
+        losses.append(out)
+        heads = {k.shape[1] for k in _saved_attention_keys(out.loss)}
+        assert heads == ({6} if model is stock else {2})
+    assert _rel(losses[1].logits, losses[0].logits) < 1e-6
+    for out in losses:
+        out.loss.backward()
+    for (n, a), (_, b) in zip(fused.named_parameters(), stock.named_parameters(), strict=True):
+        assert _rel(a.grad, b.grad) < 1e-5, n
+    cache = "cache" if "cache" in inspect.signature(fused.forward).parameters else "past_key_values"
+    with torch.no_grad():  # the cached decoding step (one query): the stock path
+        full = fused(ids, attention_mask=mask).logits
+        prefix = fused(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        one = fused(ids[:, -1:], attention_mask=mask, **{cache: prefix.past_key_values}).logits
+    assert _rel(one[:, -1], full[:, -1]) < 1e-5
 
 
 def test_allowlisted_classes_are_llamas_line_for_line():
@@ -230,6 +308,18 @@ def test_allowlisted_classes_are_llamas_line_for_line():
             except ImportError:
                 continue
             assert body(getattr(mod, name)) == ref, name
+    # attention: each hands (module, q, k, v, mask, dropout=, scaling=) to the configured
+    # attention function, as Llama's does (Qwen3 adds q/k norms before, which the SDPA call
+    # does not see)
+    for name in fb.ATTENTION_CLASSES:
+        family = name.removesuffix("Attention").lower()
+        try:
+            mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        src = inspect.getsource(getattr(mod, name).forward)
+        assert "get_interface(\n            self.config._attn_implementation" in src, name
+        assert "attention_interface(\n            self,\n            query_states,\n" in src, name
 
 
 def test_whole_model_logits_and_loss_match():

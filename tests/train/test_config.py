@@ -75,6 +75,12 @@ def test_wrong_values_are_rejected_naming_the_key(override, message):
         load_config(None, [override])
 
 
+def test_recompute_mlp_needs_the_fused_blocks():
+    assert load_config(None, ["model.recompute_mlp=true"]).model.recompute_mlp
+    with pytest.raises(ValueError, match="model.recompute_mlp needs model.fused_blocks"):
+        load_config(None, ["model.fused_blocks=false", "model.recompute_mlp=true"])
+
+
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config("nope.yaml")
