@@ -19,13 +19,17 @@ log 2 of policy == reference).
   noise is added in place). One step is the pair log-probs (each prompt runs once and its
   key/value cache serves both answers; the fused head scores answer tokens only; RMSNorm and MLP
   through pyfast.ops.fused_blocks), :func:`pyfast.align.losses.dpo_loss`, backward and
-  FusedAdamW.step() (no clipping: TRL's training_step + optimizer.step does not clip either). A
-  second pyfast row ("update in backward") measures the memory with FusedAdamW.update_in_backward
-  (each gradient used and freed as soon as it is complete; the same update); its times are the
-  same work and are not re-measured. Two more rows ("recompute_mlp", `model.recompute_mlp` in a
-  config) keep only each MLP's input for backward and recompute its gate and up projections
-  there: less memory for two more matmuls per layer; their time is measured. TRL runs the stock
-  transformers modules.
+  FusedAdamW.step() (no clipping: TRL's training_step + optimizer.step does not clip either).
+  TRL runs the stock transformers modules.
+
+Further rows (ROWS) switch on pyfast's memory options, each measured in its own worker:
+"update in backward" (FusedAdamW.update_in_backward: each gradient used and freed as soon as it
+is complete; the same update, so the same work and its time is not re-measured),
+"recompute_mlp" (`model.recompute_mlp`: each MLP keeps only its input for backward and
+recomputes its gate and up projections there), and "heap trimmed every 6 blocks"
+(`trim_heap_every`, pyfast.train.heap: freed heap memory handed back to the OS after the
+forward and every 6 decoder blocks of backward). The trimming is not specific to pyfast, so TRL
+also gets a row with the same hooks on its policy model.
 
 Memory: each side runs in its own fresh subprocess (one after the other, in this one invocation),
 so peak memories do not mix: the peak resident memory of the whole job above the process's
@@ -143,8 +147,16 @@ def _trl_trainer(args):
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.rounds + 2)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, used by its step
+    if args.trim_every:  # the same heap trimming as pyfast's row, on TRL's policy
+        _trimmer(trainer.model, args.trim_every)
     torch.save({k: v.cpu() for k, v in batch.items()}, args.batch_file)
     return trainer, batch
+
+
+def _trimmer(model, every: int):
+    from pyfast.train.heap import HeapTrimmer
+
+    return HeapTrimmer(model, every)
 
 
 def _trl_step(trainer, batch) -> float:
@@ -219,6 +231,8 @@ def _pyfast_state(args, ref=None) -> dict:
     opt.allocate_state()  # as the recipes do
     if args.in_backward:
         opt.update_in_backward()  # no clipping (as TRL's step): the same update
+    if args.trim_every:
+        _trimmer(policy, args.trim_every)  # as trim_heap_every in a config
     return {"policy": policy, "batch": batch, "ref": ref_logps, "opt": opt}
 
 
@@ -254,17 +268,27 @@ def worker_interleaved(args) -> dict:
     trainer, batch = _trl_trainer(args)
     state = _pyfast_state(args, ref=trainer.ref_model)
 
-    def pyfast(recompute: bool):
-        fuse_decoder_blocks(state["policy"], recompute_mlp=recompute)  # sets the mode anew
-        return _pyfast_step(state)
+    def run(name: str):
+        """One step of the row `name`: its modes switched on for this step only."""
+        _, provider, opts = next(r for r in ROWS if r[0] == name)
+        trimmer = _trimmer(trainer.model if provider == "trl" else state["policy"],
+                           opts["trim_every"]) if opts.get("trim_every") else None  # fmt: skip
+        try:
+            if provider == "trl":
+                return _trl_step(trainer, batch)
+            # sets the MLP mode anew (update in backward does the same work as step(): not timed)
+            fuse_decoder_blocks(state["policy"], recompute_mlp=opts.get("recompute_mlp", False))
+            return _pyfast_step(state)
+        finally:
+            if trimmer is not None:
+                trimmer.remove()
 
-    times = {"trl": [], "pyfast": [], "pyfast, recompute_mlp": []}
+    timed = [name for name, _, opts in ROWS if opts.get("timed", True)]
+    times = {name: [] for name in timed}
     for i in range(args.rounds + 1):  # round 0: warm-up (optimizer state allocation)
-        for name, fn in (("trl", lambda: _trl_step(trainer, batch)),
-                         ("pyfast", lambda: pyfast(False)),
-                         ("pyfast, recompute_mlp", lambda: pyfast(True))):  # fmt: skip
+        for name in timed:
             t0 = time.perf_counter()
-            fn()
+            run(name)
             if i:
                 times[name].append(time.perf_counter() - t0)
     out = {}
@@ -274,6 +298,29 @@ def worker_interleaved(args) -> dict:
     return out
 
 
+# (row, worker, options): every row's memory comes from its own worker process; rows that do
+# the same work as another (update in backward: the same update inside backward) borrow its time.
+TRIM_EVERY = 6
+ROWS = [
+    ("trl", "trl", {}),
+    (f"trl, heap trimmed every {TRIM_EVERY} blocks", "trl", {"trim_every": TRIM_EVERY}),
+    ("pyfast", "pyfast", {}),
+    ("pyfast, update in backward", "pyfast", {"in_backward": True, "timed": False}),
+    ("pyfast, recompute_mlp", "pyfast", {"recompute_mlp": True}),
+    (f"pyfast, heap trimmed every {TRIM_EVERY} blocks", "pyfast", {"trim_every": TRIM_EVERY}),
+    (f"pyfast, recompute_mlp + update in backward + heap trimmed every {TRIM_EVERY} blocks",
+     "pyfast", {"recompute_mlp": True, "in_backward": True, "trim_every": TRIM_EVERY}),
+]  # fmt: skip
+
+
+def _time_row(name: str) -> str:
+    """The timed row whose work `name` does."""
+    opts = next(o for n, _, o in ROWS if n == name)
+    if opts.get("timed", True):
+        return name
+    return "pyfast, recompute_mlp" if opts.get("recompute_mlp") else "pyfast"
+
+
 def _run_worker(
     provider: str,
     args,
@@ -281,6 +328,7 @@ def _run_worker(
     state_dtype: str | None = None,
     in_backward: bool = False,
     recompute_mlp: bool = False,
+    trim_every: int = 0,
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -289,7 +337,8 @@ def _run_worker(
            "--max-length", str(args.max_length), "--rounds", str(args.rounds)]  # fmt: skip
     if state_dtype:
         cmd += ["--state-dtype", state_dtype]
-    cmd += ["--in-backward", str(int(in_backward)), "--recompute-mlp", str(int(recompute_mlp))]
+    cmd += ["--in-backward", str(int(in_backward)), "--recompute-mlp", str(int(recompute_mlp)),
+            "--trim-every", str(trim_every)]  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads(Path(out).read_text())
 
@@ -308,6 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--state-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--in-backward", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--recompute-mlp", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--trim-every", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.worker:
@@ -321,13 +371,11 @@ def main(argv=None) -> int:
     from pyfast.io import write_json, write_text
 
     batch_file = os.path.join(tempfile.mkdtemp(), "batch.pt")
-    rows = {"trl": _run_worker("trl", args, batch_file)}  # writes the batch pyfast reuses
-    rows["pyfast"] = _run_worker("pyfast", args, batch_file)
-    rows["pyfast, update in backward"] = _run_worker("pyfast", args, batch_file, in_backward=True)
-    rows["pyfast, recompute_mlp"] = _run_worker("pyfast", args, batch_file, recompute_mlp=True)
-    rows["pyfast, recompute_mlp + update in backward"] = _run_worker(
-        "pyfast", args, batch_file, in_backward=True, recompute_mlp=True
-    )
+    rows = {}
+    for name, provider, opts in ROWS:  # the first (TRL) writes the batch every other row reuses
+        rows[name] = _run_worker(
+            provider, args, batch_file, **{k: v for k, v in opts.items() if k != "timed"}
+        )
     if args.bf16_state:
         rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
     # Times: both providers alternating in one process (the separate workers' times are kept in
@@ -335,9 +383,8 @@ def main(argv=None) -> int:
     timing = _run_worker("interleaved", args, batch_file)
     for name, r in rows.items():
         r["separate_median_s"], r["separate_min_s"] = r.pop("median_s"), r.pop("min_s")
-        # update in backward and the bf16 state do the same work as the row they extend
-        t = timing["trl" if name == "trl" else
-                   "pyfast, recompute_mlp" if "recompute_mlp" in name else "pyfast"]  # fmt: skip
+        # the bf16 state does the same work as plain pyfast
+        t = timing[_time_row(name) if any(n == name for n, _, _ in ROWS) else "pyfast"]
         r["median_s"], r["min_s"], r["times_s"] = t["median_s"], t["min_s"], t["times_s"]
     saved = torch.load(batch_file)
     trl_row = rows["trl"]

@@ -154,6 +154,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads (0: leave torch's default)
+    # CPU (glibc): hand freed heap memory back to the OS after each forward and every N decoder
+    # blocks of backward — a lower resident peak for some step time (pyfast.train.heap); 0: off
+    trim_heap_every: int = 0
     # under torchrun (WORLD_SIZE > 1): auto = ddp (replicas), fsdp = sharded (fully_shard)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
@@ -339,6 +342,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.freeze.top_blocks >= 0, "freeze.top_blocks must be >= 0"),
         (cfg.eval.every >= 0, "eval.every must be >= 0"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (cfg.trim_heap_every >= 0, "trim_heap_every must be >= 0"),
+        (
+            cfg.trim_heap_every == 0 or cfg.device == "cpu",
+            "trim_heap_every applies to CPU training (it trims the C library's heap)",
+        ),
         (
             cfg.model.fused_blocks or not cfg.model.recompute_mlp,
             "model.recompute_mlp needs model.fused_blocks: true (it is a mode of the fused MLP)",

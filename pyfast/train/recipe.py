@@ -187,6 +187,10 @@ class Recipe:
         if resume_from is not None:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
+        if cfg.trim_heap_every:
+            from pyfast.train.heap import HeapTrimmer
+
+            self.heap_trimmer = HeapTrimmer(self.model, cfg.trim_heap_every)
         self.train_examples, self.eval_examples = self.load_data()
         self._log_data()
 
