@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _bench(sub):
@@ -214,11 +215,21 @@ def _train(sub):
         if summary is not None:
             print(
                 f"done: {summary['steps']} steps, final train loss {summary['final_loss']:.4f}, "
-                f"{summary['tokens_per_s']:.0f} tokens/s; {summary['stop_reason']}; "
-                f"model in {cfg.output_dir}/final"
+                f"{summary['tokens_per_s']:.0f} tokens/s; {summary['stop_reason']}"
+                f"{_saved_where(cfg)}"
             )
 
     p.set_defaults(func=run)
+
+
+def _saved_where(cfg) -> str:
+    """Where the run left its model, for the closing line."""
+    out = Path(cfg.output_dir)
+    if cfg.save_final and (out / "final").is_dir():
+        return f"; model in {out / 'final'}"
+    if (out / "best").is_dir():
+        return f"; best model in {out / 'best'} (save_final=false)"
+    return "; no model saved (save_final=false)"
 
 
 def _align(sub):
@@ -240,8 +251,7 @@ def _align(sub):
             return
         print(
             f"done: {summary['steps']} steps ({cfg.align.method}), final train loss "
-            f"{summary['final_loss']:.4f}; {summary['stop_reason']}; "
-            f"model in {cfg.output_dir}/final"
+            f"{summary['final_loss']:.4f}; {summary['stop_reason']}{_saved_where(cfg)}"
         )
         held = summary.get("heldout")
         if held:

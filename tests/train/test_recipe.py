@@ -175,6 +175,13 @@ def test_cli_train_and_eval_of_the_result(base_overrides, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "done: 2 steps" in out and "trainable parameters" in out
     final = tmp_path / "run" / "final"
+    assert f"model in {final}" in out
+    # without a final save the closing line does not point at a folder that does not exist
+    assert main(["train", *base_overrides, "max_steps=1", "save_final=false", "eval.every=0",
+                 f"output_dir={tmp_path / 'nofinal'}"]) == 0  # fmt: skip
+    nofinal = capsys.readouterr().out
+    assert f"best model in {tmp_path / 'nofinal' / 'best'}" in nofinal
+    assert not (tmp_path / "nofinal" / "final").exists()
     assert (
         main(
             [
