@@ -280,7 +280,7 @@ def _fused_mlp_forward(self, x: Tensor) -> Tensor:
     if not (type(g) is nn.Linear and type(u) is nn.Linear and type(d) is nn.Linear):
         return type(self).forward(self, x)
     return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias,
-                      recompute=self._pyfast_recompute)  # fmt: skip
+                      recompute=getattr(self, "_pyfast_recompute", False))  # fmt: skip
 
 
 def _is_silu(act: nn.Module) -> bool:
