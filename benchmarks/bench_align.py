@@ -27,7 +27,7 @@ Further rows (ROWS) switch on pyfast's memory options, each measured in its own 
 is complete; the same update, so the same work and its time is not re-measured),
 "recompute_mlp" (`model.recompute_mlp`: each MLP keeps only its input for backward and
 recomputes its gate and up projections there), and "heap trimmed every 6 blocks"
-(`trim_heap_every`, pyfast.train.heap: freed heap memory handed back to the OS after the
+(`trim_heap_every`, pyfast.heap: freed heap memory handed back to the OS after the
 forward and every 6 decoder blocks of backward). The trimming is not specific to pyfast, so TRL
 also gets a row with the same hooks on its policy model.
 
@@ -154,7 +154,7 @@ def _trl_trainer(args):
 
 
 def _trimmer(model, every: int):
-    from pyfast.train.heap import HeapTrimmer
+    from pyfast.heap import HeapTrimmer
 
     return HeapTrimmer(model, every)
 
@@ -270,7 +270,7 @@ def worker_interleaved(args) -> dict:
 
     def run(name: str):
         """One step of the row `name`: its modes switched on for this step only."""
-        _, provider, opts = next(r for r in ROWS if r[0] == name)
+        provider, opts = ROWS[name]
         trimmer = _trimmer(trainer.model if provider == "trl" else state["policy"],
                            opts["trim_every"]) if opts.get("trim_every") else None  # fmt: skip
         try:
@@ -283,7 +283,7 @@ def worker_interleaved(args) -> dict:
             if trimmer is not None:
                 trimmer.remove()
 
-    timed = [name for name, _, opts in ROWS if opts.get("timed", True)]
+    timed = [name for name, (_, opts) in ROWS.items() if "time_of" not in opts]
     times = {name: [] for name in timed}
     for i in range(args.rounds + 1):  # round 0: warm-up (optimizer state allocation)
         for name in timed:
@@ -298,27 +298,20 @@ def worker_interleaved(args) -> dict:
     return out
 
 
-# (row, worker, options): every row's memory comes from its own worker process; rows that do
-# the same work as another (update in backward: the same update inside backward) borrow its time.
+# row -> (worker, options): every row's memory comes from its own worker process; a row that
+# does the same work as another ("time_of": update in backward is the same update, inside
+# backward) takes that row's time.
 TRIM_EVERY = 6
-ROWS = [
-    ("trl", "trl", {}),
-    (f"trl, heap trimmed every {TRIM_EVERY} blocks", "trl", {"trim_every": TRIM_EVERY}),
-    ("pyfast", "pyfast", {}),
-    ("pyfast, update in backward", "pyfast", {"in_backward": True, "timed": False}),
-    ("pyfast, recompute_mlp", "pyfast", {"recompute_mlp": True}),
-    (f"pyfast, heap trimmed every {TRIM_EVERY} blocks", "pyfast", {"trim_every": TRIM_EVERY}),
-    (f"pyfast, recompute_mlp + update in backward + heap trimmed every {TRIM_EVERY} blocks",
-     "pyfast", {"recompute_mlp": True, "in_backward": True, "trim_every": TRIM_EVERY}),
-]  # fmt: skip
-
-
-def _time_row(name: str) -> str:
-    """The timed row whose work `name` does."""
-    opts = next(o for n, _, o in ROWS if n == name)
-    if opts.get("timed", True):
-        return name
-    return "pyfast, recompute_mlp" if opts.get("recompute_mlp") else "pyfast"
+ROWS = {
+    "trl": ("trl", {}),
+    f"trl, heap trimmed every {TRIM_EVERY} blocks": ("trl", {"trim_every": TRIM_EVERY}),
+    "pyfast": ("pyfast", {}),
+    "pyfast, update in backward": ("pyfast", {"in_backward": True, "time_of": "pyfast"}),
+    "pyfast, recompute_mlp": ("pyfast", {"recompute_mlp": True}),
+    f"pyfast, heap trimmed every {TRIM_EVERY} blocks": ("pyfast", {"trim_every": TRIM_EVERY}),
+    f"pyfast, recompute_mlp + update in backward + heap trimmed every {TRIM_EVERY} blocks":
+        ("pyfast", {"recompute_mlp": True, "in_backward": True, "trim_every": TRIM_EVERY}),
+}  # fmt: skip
 
 
 def _run_worker(
@@ -372,9 +365,9 @@ def main(argv=None) -> int:
 
     batch_file = os.path.join(tempfile.mkdtemp(), "batch.pt")
     rows = {}
-    for name, provider, opts in ROWS:  # the first (TRL) writes the batch every other row reuses
+    for name, (provider, opts) in ROWS.items():  # the first (TRL) writes the batch the rest use
         rows[name] = _run_worker(
-            provider, args, batch_file, **{k: v for k, v in opts.items() if k != "timed"}
+            provider, args, batch_file, **{k: v for k, v in opts.items() if k != "time_of"}
         )
     if args.bf16_state:
         rows["pyfast (bf16 optimizer state)"] = _run_worker("pyfast", args, batch_file, "bfloat16")
@@ -384,7 +377,7 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         r["separate_median_s"], r["separate_min_s"] = r.pop("median_s"), r.pop("min_s")
         # the bf16 state does the same work as plain pyfast
-        t = timing[_time_row(name) if any(n == name for n, _, _ in ROWS) else "pyfast"]
+        t = timing[ROWS[name][1].get("time_of", name) if name in ROWS else "pyfast"]
         r["median_s"], r["min_s"], r["times_s"] = t["median_s"], t["min_s"], t["times_s"]
     saved = torch.load(batch_file)
     trl_row = rows["trl"]

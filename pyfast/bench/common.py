@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import time
@@ -30,11 +29,10 @@ def _rss_kib(field_name: str) -> int:
 
 def _release_freed_memory() -> None:
     """Returns freed heap memory to the OS (glibc), so that RSS baselines are not inflated."""
+    from pyfast.heap import trim
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim()
 
 
 class PeakMemory:

@@ -155,7 +155,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads (0: leave torch's default)
     # CPU (glibc): hand freed heap memory back to the OS after each forward and every N decoder
-    # blocks of backward — a lower resident peak for some step time (pyfast.train.heap); 0: off
+    # blocks of backward — a lower resident peak for some step time (pyfast.heap); 0: off
     trim_heap_every: int = 0
     # under torchrun (WORLD_SIZE > 1): auto = ddp (replicas), fsdp = sharded (fully_shard)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"

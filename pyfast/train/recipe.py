@@ -188,7 +188,7 @@ class Recipe:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
         if cfg.trim_heap_every:
-            from pyfast.train.heap import HeapTrimmer
+            from pyfast.heap import HeapTrimmer
 
             self.heap_trimmer = HeapTrimmer(self.model, cfg.trim_heap_every)
         self.train_examples, self.eval_examples = self.load_data()

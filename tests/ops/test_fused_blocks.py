@@ -259,17 +259,22 @@ def _saved_attention_keys(loss) -> list:
     return keys
 
 
+def _stock_and_fused(seed: int, **cfg):
+    """A random tiny LlamaForCausalLM (2 layers) and a fused deep copy of it."""
+    torch.manual_seed(seed)
+    stock = modeling_llama.LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **cfg))
+    fused = copy.deepcopy(stock)
+    fb.fuse_decoder_blocks(fused)
+    return stock, fused
+
+
 def test_grouped_query_attention_keeps_key_value_heads_and_matches_stock():
     """With a padding mask transformers' SDPA path copies keys and values per query head
     (repeat_kv) and autograd keeps the copies; the fused model's attention keeps the 2 key/value
     heads, gives the stock logits and gradients, and the stock model in the same process keeps
     its own path."""
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
-    torch.manual_seed(6)
-    stock = modeling_llama.LlamaForCausalLM(cfg)
-    fused = copy.deepcopy(stock)
-    fb.fuse_decoder_blocks(fused)
+    stock, fused = _stock_and_fused(6, vocab_size=64, hidden_size=48, intermediate_size=64,
+                                    num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
     ids = torch.randint(0, 64, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[0, :4] = 0  # left padding: a mask reaches attention
@@ -296,39 +301,35 @@ def test_allowlisted_classes_are_llamas_line_for_line():
     """The swap is only sound for modules whose forward is Llama's: check the installed source."""
     import importlib
 
-    def body(cls):
-        return inspect.getsource(cls.forward).replace(cls.__name__, "X")
-
-    for names, base in [(fb.RMSNORM_CLASSES, "LlamaRMSNorm"), (fb.MLP_CLASSES, "LlamaMLP")]:
-        ref = body(getattr(modeling_llama, base))
+    def installed(names, suffix):
+        """(name, class) of each listed class whose model family transformers has."""
         for name in names:
-            family = name.removesuffix("RMSNorm").removesuffix("MLP").lower()
+            family = name.removesuffix(suffix).lower()
             try:
                 mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
             except ImportError:
                 continue
-            assert body(getattr(mod, name)) == ref, name
+            yield name, getattr(mod, name)
+
+    def body(cls):
+        return inspect.getsource(cls.forward).replace(cls.__name__, "X")
+
+    for names, suffix in [(fb.RMSNORM_CLASSES, "RMSNorm"), (fb.MLP_CLASSES, "MLP")]:
+        ref = body(getattr(modeling_llama, "Llama" + suffix))
+        for name, cls in installed(names, suffix):
+            assert body(cls) == ref, name
     # attention: each hands (module, q, k, v, mask, dropout=, scaling=) to the configured
     # attention function, as Llama's does (Qwen3 adds q/k norms before, which the SDPA call
     # does not see)
-    for name in fb.ATTENTION_CLASSES:
-        family = name.removesuffix("Attention").lower()
-        try:
-            mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        src = inspect.getsource(getattr(mod, name).forward)
+    for name, cls in installed(fb.ATTENTION_CLASSES, "Attention"):
+        src = inspect.getsource(cls.forward)
         assert "get_interface(\n            self.config._attn_implementation" in src, name
         assert "attention_interface(\n            self,\n            query_states,\n" in src, name
 
 
 def test_whole_model_logits_and_loss_match():
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    torch.manual_seed(4)
-    stock = modeling_llama.LlamaForCausalLM(cfg)
-    fused = copy.deepcopy(stock)
-    fb.fuse_decoder_blocks(fused)
+    stock, fused = _stock_and_fused(4, vocab_size=96, hidden_size=48, intermediate_size=128,
+                                    num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     ids = torch.randint(0, 96, (2, 13))
     l1 = stock(ids, labels=ids).loss
     l2 = fused(ids, labels=ids).loss

@@ -1,4 +1,4 @@
-"""Heap trimming during training steps (pyfast.train.heap, `trim_heap_every`)."""
+"""Heap trimming during training steps (pyfast.heap, `trim_heap_every`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyfast.train import Recipe, heap, load_config
+from pyfast import heap
+from pyfast.train import Recipe, load_config
 from tests.conftest import tiny_llama
 
 needs_glibc = pytest.mark.skipif(not heap.available(), reason="no glibc malloc_trim")
@@ -58,7 +59,7 @@ def test_trim_hands_freed_heap_pages_back():
     script = textwrap.dedent(
         """
         import torch
-        from pyfast.train.heap import trim
+        from pyfast.heap import trim
 
         def rss_mb():
             with open("/proc/self/status") as f:

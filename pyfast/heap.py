@@ -50,8 +50,9 @@ def trim() -> None:
         fn(0)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (``get_decoder().layers``)."""
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder body of a Hugging Face causal LM (``get_decoder()``), which has its blocks
+    as ``.layers``."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -59,7 +60,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"trim_heap_every: {type(model).__name__} has no decoder blocks to hook "
             "(get_decoder().layers)"
         )
-    return layers
+    return body
 
 
 class HeapTrimmer:
@@ -74,11 +75,11 @@ class HeapTrimmer:
             raise ValueError(f"trim_heap_every must be >= 1 to trim (got {every})")
         if not available():
             raise ValueError("trim_heap_every needs glibc's malloc_trim (Linux with glibc)")
-        layers = decoder_layers(model)
+        body = decoder_body(model)
         self.every = every
         self.trims = 0  # how many times it trimmed (for tests and logs)
-        self._handles = [model.get_decoder().register_forward_hook(self._after_forward)]
-        for layer in list(layers)[::-1][every::every]:
+        self._handles = [body.register_forward_hook(self._after_forward)]
+        for layer in list(body.layers)[::-1][every::every]:
             self._handles.append(layer.register_forward_hook(self._hook_output))
 
     def _trim(self) -> None:
