@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,11 +34,11 @@ import torch
 
 from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
 from pyfast.eval.scoring import target_logprobs
+from pyfast.ops.fused_blocks import install_sdpa_dispatcher
+from pyfast.ops.segments import Segment, SegmentedAttention, packing_unsupported
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _DEFAULT_MAX_LENGTH = 2048
-# Models whose attention bias comes from the mask layout rather than from position ids.
-_ALIBI = {"bloom", "mpt", "falcon", "baichuan", "jais"}
 
 
 class LM:
@@ -135,6 +136,29 @@ def _rows(trees: list[_Tree], budget: int, window: int = 16) -> list[list[_Tree]
     return sorted(rows, key=lambda r: -sum(t.length for t in r))
 
 
+def _tree_segments(parts, cont: torch.Tensor, length: int, device) -> SegmentedAttention:
+    """The attention of one unpadded row of trees, from its `parts` (shared start, shared
+    length, group start, group end) and the row's continuation index per token (-1: context):
+    each tree's shared tokens attend causally over themselves; each group's own tokens (the rest
+    of its context, then every continuation but its last token) attend to all shared tokens and,
+    among their own, to earlier context and earlier tokens of their own continuation."""
+    segments, shared_done = [], set()
+    for t0, S, g0, g1 in parts:
+        if S and t0 not in shared_done:
+            segments.append(Segment(t0, t0 + S, ((t0, t0 + S),)))
+            shared_done.add(t0)
+        if g1 > g0:
+            n, c = g1 - g0, cont[g0:g1]
+            own = torch.ones(n, n, dtype=torch.bool).tril_()
+            own &= (c.unsqueeze(0) == -1) | (c.unsqueeze(0) == c.unsqueeze(1))
+            if S:
+                segments.append(Segment(g0, g1, ((t0, t0 + S), (g0, g1)),
+                                        torch.cat([own.new_ones(n, S), own], 1)))  # fmt: skip
+            else:
+                segments.append(Segment(g0, g1, ((g0, g1),), own))
+    return SegmentedAttention(segments, length, device)
+
+
 class HFLM(LM):
     """Hugging Face causal-LM backend.
 
@@ -144,11 +168,16 @@ class HFLM(LM):
         batch_size: rows per forward pass (packed rows of up to `row_tokens` tokens; contexts
             without packing), or 'auto' (largest that fits, probed on CUDA; 32 on CPU).
         max_length: context window; default from the config like lm-eval.
-        packing: score packed prefix-tree rows (None: wherever the model's attention takes a
+        packing: score packed prefix trees (None: wherever the model's attention takes a
             custom 4-D mask); False: context pass + KV cache expanded over the continuations.
+        segments: pack each batch into one unpadded row of trees and run attention per tree
+            part (:class:`pyfast.ops.segments.SegmentedAttention`); None: wherever packing is on
+            and the model runs transformers' "sdpa" attention. False: rows of `row_tokens`
+            padded to the longest in the batch, under one dense 4-D mask.
         row_tokens: tokens per packed row (a longer group gets a row of its own); default 128
             on CPU, where the masked attention over a row costs in proportion to its length
             (measured: 128-token rows 10-15% faster than 512 on ARC and HellaSwag), 512 elsewhere.
+            With segments, a forward pass takes up to `batch_size` x `row_tokens` tokens.
         min_shared: fewest leading tokens groups must share to be scored as one prefix tree.
         fuse_blocks: when loading `model` by name, run its RMSNorm and SwiGLU-MLP modules through
             pyfast's fused ops (see :func:`pyfast.models.load_model`); an in-memory model is used
@@ -164,6 +193,7 @@ class HFLM(LM):
         dtype: str | None = None,
         max_length: int | None = None,
         packing: bool | None = None,
+        segments: bool | None = None,
         row_tokens: int | None = None,
         min_shared: int = 16,
         fuse_blocks: bool = True,
@@ -201,6 +231,14 @@ class HFLM(LM):
         if packing and not supported:
             raise ValueError(f"HFLM: packing is not supported for this model: {self._no_packing}")
         self.packed = supported if packing is None else packing
+        impl = getattr(model.config, "_attn_implementation", None)
+        if segments and impl != "sdpa":
+            raise ValueError(f"HFLM: segments need 'sdpa' attention, the model runs {impl!r}")
+        self.segmented = self.packed and (impl == "sdpa" if segments is None else segments)
+        if self.segmented:
+            install_sdpa_dispatcher()
+        text_cfg = getattr(cfg, "text_config", None) or cfg
+        self._attention_layers = getattr(text_cfg, "num_hidden_layers", None)
         self.row_tokens = row_tokens or (128 if self.device.type == "cpu" else 512)
         self.min_shared = max(1, min_shared)
         if batch_size == "auto":
@@ -215,19 +253,7 @@ class HFLM(LM):
 
     def _packing_supported(self) -> bool:
         """Whether the body takes position ids and a custom additive 4-D attention mask."""
-        cfg = self.model.config
-        impl = getattr(cfg, "_attn_implementation", None) or "eager"
-        window = getattr(cfg, "sliding_window", None)
-        if getattr(cfg, "use_sliding_window", True) is False:
-            window = None
-        self._no_packing = (
-            f"attention implementation {impl!r}" if impl not in ("eager", "sdpa")
-            else f"sliding-window attention ({window})" if window
-            else "ALiBi positions" if getattr(cfg, "alibi", False) or cfg.model_type in _ALIBI
-            else "no position_ids argument"
-            if "position_ids" not in inspect.signature(self.body.forward).parameters
-            else None
-        )  # fmt: skip
+        self._no_packing = packing_unsupported(self.model)
         return self._no_packing is None
 
     def _default_max_length(self) -> int:
@@ -355,8 +381,15 @@ class HFLM(LM):
         return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
 
     @torch.inference_mode()
-    def _score_packed(self, batch: list[list[_Tree]]) -> list[tuple[int, float, bool]]:
-        """Scores rows of packed trees in one forward pass; (request, logprob, is_greedy)."""
+    def _score_packed(
+        self, batch: list[list[_Tree]], segmented: bool = False
+    ) -> list[tuple[int, float, bool]]:
+        """Scores rows of packed trees in one forward pass; (request, logprob, is_greedy).
+
+        Rows are right-padded to the longest and attend under one dense 4-D mask; with
+        `segmented` the batch is a single unpadded row whose attention runs per tree part
+        (:class:`pyfast.ops.segments.SegmentedAttention`): the shared prefix causally over
+        itself, then each group's own tokens over the prefix and themselves."""
         dev = self.device
         L = max(sum(t.length for t in row) for row in batch)
         ids = torch.zeros((len(batch), L), dtype=torch.long)
@@ -375,13 +408,14 @@ class HFLM(LM):
             tree_of[b, t : t + n], grp[b, t : t + n], cont[b, t : t + n] = tree, group, choice
             return t + n
 
+        parts = []  # (shared start, shared length, group start, group end): segmented only
         for b, row in enumerate(batch):
             t = 0
             for ti, tree in enumerate(row):
                 S = tree.shared
-                t = put(b, t, tree.groups[0].prefix[:S], 0, ti)
+                t0, t = t, put(b, t, tree.groups[0].prefix[:S], 0, ti)
                 for gi, g in enumerate(tree.groups):
-                    t = put(b, t, g.prefix[S:], S, ti, gi)
+                    g0, t = t, put(b, t, g.prefix[S:], S, ti, gi)
                     last_ctx = t - 1  # predicts the first token of every continuation
                     for ci, c in enumerate(g.conts):
                         where_b += [b] * len(c)
@@ -390,23 +424,38 @@ class HFLM(LM):
                         owner += [len(index)] * len(c)
                         index.append(g.index[ci])
                         t = put(b, t, c[:-1], len(g.prefix), ti, gi, ci)
-        # Query i sees key j <= i of its own tree that is shared, or of its group and either
-        # context or its own continuation; padding sees only itself (no all-masked rows).
-        tq, tk = tree_of.unsqueeze(2), tree_of.unsqueeze(1)
-        gq, gk = grp.unsqueeze(2), grp.unsqueeze(1)
-        cq, ck = cont.unsqueeze(2), cont.unsqueeze(1)
-        seen = (tq == tk) & (tq >= 0) & ((gk == -1) | ((gk == gq) & ((ck == -1) | (ck == cq))))
-        seen &= torch.ones(L, L, dtype=torch.bool).tril()
-        seen |= torch.eye(L, dtype=torch.bool) & (tq < 0)
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+                    parts.append((t0, S, g0, t))
+        if segmented:
+            attend = {"pyfast_segments": _tree_segments(parts, cont[0], L, dev)}
+        else:
+            # Query i sees key j <= i of its own tree that is shared, or of its group and either
+            # context or its own continuation; padding sees only itself (no all-masked rows).
+            tq, tk = tree_of.unsqueeze(2), tree_of.unsqueeze(1)
+            gq, gk = grp.unsqueeze(2), grp.unsqueeze(1)
+            cq, ck = cont.unsqueeze(2), cont.unsqueeze(1)
+            seen = (tq == tk) & (tq >= 0) & ((gk == -1) | ((gk == gq) & ((ck == -1) | (ck == cq))))
+            seen &= torch.ones(L, L, dtype=torch.bool).tril()
+            seen |= torch.eye(L, dtype=torch.bool) & (tq < 0)
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+            attend = {"attention_mask": mask.unsqueeze(1).to(dev)}
         hidden = self.body(
-            input_ids=ids.to(dev),
-            attention_mask=mask.unsqueeze(1).to(dev),
-            position_ids=pos.to(dev),
-            use_cache=False,
+            input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False, **attend
         ).last_hidden_state  # (B, L, H)
         self.stats["forward_passes"] += 1
+        if segmented and attend["pyfast_segments"].calls != self._attention_layers:
+            # Some attention layer did not take the segments (a model that drops the keyword,
+            # or asks for more than plain attention): score these trees on padded rows, and
+            # every later batch too.
+            warnings.warn(
+                f"HFLM: {type(self.model).__name__} did not run segmented attention in every "
+                "layer; scoring on padded rows with a dense mask instead",
+                stacklevel=2,
+            )
+            self.segmented = False
+            rows, bs = _rows(batch[0], self.row_tokens), self.batch_size
+            batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+            return [x for rb in batches for x in self._score_packed(rb)]
         h = hidden[torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)]
         lp, greedy = target_logprobs(
             h, self.head.weight, torch.tensor(targets, device=dev), self.head.bias
@@ -462,7 +511,13 @@ class HFLM(LM):
         self.model.eval()
         try:
             groups = self._groups(requests)
-            if self.packed:
+            if self.packed and self.segmented:
+                # One unpadded row of trees per forward pass, up to batch_size * row_tokens
+                # tokens; attention per tree part, so trees may span the whole row.
+                budget = self.batch_size * self.row_tokens
+                trees = _trees(groups, budget, self.min_shared)
+                scored = (self._score_packed([row], self.segmented) for row in _rows(trees, budget))
+            elif self.packed:
                 trees = _trees(groups, self.row_tokens, self.min_shared)
                 rows = _rows(trees, self.row_tokens)
                 bs = self.batch_size

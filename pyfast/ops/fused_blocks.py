@@ -287,6 +287,18 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+# keyword arguments of transformers' attention functions that ask for more than plain attention
+_NOT_PLAIN = ("position_bias", "softcap", "sliding_window", "s_aux")
+
+
+def _plain_attention(dropout: float, kwargs) -> bool:
+    return (
+        not dropout
+        and all(kwargs.get(k) is None for k in _NOT_PLAIN)
+        and not kwargs.get("output_attentions", False)
+    )
+
+
 def _gqa_sdpa_applies(module, query: Tensor, key: Tensor, value: Tensor, mask, kwargs) -> bool:
     """Where transformers' SDPA path would copy keys and values per query head and torch's CPU
     kernel takes them grouped instead: a marked module, several query heads per key/value head,
@@ -299,24 +311,31 @@ def _gqa_sdpa_applies(module, query: Tensor, key: Tensor, value: Tensor, mask, k
         and query.shape[2] > 1
         and query.shape[1] != key.shape[1]
         and key.shape[-1] == value.shape[-1]
-        and kwargs.get("position_bias") is None
-        and kwargs.get("softcap") is None
-        and not kwargs.get("output_attentions", False)
+        and _plain_attention(0.0, kwargs)
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     )
 
 
 @functools.cache
-def _install_gqa_sdpa() -> None:
+def install_sdpa_dispatcher() -> None:
     """Puts a dispatcher in front of transformers' "sdpa" attention function, once per process:
-    modules marked by :func:`fuse_decoder_blocks` take the grouped path where it applies; every
-    other call (other models, other devices, other cases) goes to the stock function unchanged."""
+
+    - a call given ``pyfast_segments=`` (a :class:`pyfast.ops.segments.SegmentedAttention`, for
+      plain attention) runs per segment over the packed row;
+    - modules marked by :func:`fuse_decoder_blocks` take the grouped path where it applies
+      (:func:`_gqa_sdpa_applies`);
+    - every other call (other models, other devices, other cases) goes to the stock function
+      unchanged.
+    """
     from transformers import AttentionInterface
 
     stock = AttentionInterface._global_mapping["sdpa"]
 
     def sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        segments = kwargs.get("pyfast_segments")
+        if segments is not None and _plain_attention(dropout, kwargs):
+            return segments(query, key, value, scaling), None
         if not _gqa_sdpa_applies(module, query, key, value, attention_mask, kwargs):
             return stock(module, query, key, value, attention_mask, dropout=dropout,
                          scaling=scaling, **kwargs)  # fmt: skip
@@ -358,7 +377,7 @@ def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
         elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
             m.forward = types.MethodType(_fused_mlp_forward, m)
         elif name in ATTENTION_CLASSES and getattr(m, "num_key_value_groups", 1) > 1:
-            _install_gqa_sdpa()
+            install_sdpa_dispatcher()
             m._pyfast_gqa = True
         elif name in BODY_CLASSES:
             m.forward = _lean_body_forward(m)

@@ -34,6 +34,10 @@ class ModelConfig:
     # with fused_blocks: the MLPs keep only their input for backward and recompute gate(x) and
     # up(x) there (two (tokens, intermediate) tensors per layer fewer, two more matmuls)
     recompute_mlp: bool = False
+    # run each micro-batch of the SFT loss as one unpadded row: every row cut after its last
+    # target, attention kept within rows (models on transformers' "sdpa" attention without
+    # sliding windows; others run the padded batch). Same loss, fewer tokens.
+    padding_free: bool = True
 
 
 @dataclass

@@ -33,6 +33,8 @@ from torch import nn
 
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
+from pyfast.ops.fused_blocks import install_sdpa_dispatcher
+from pyfast.ops.segments import SegmentedAttention, packing_unsupported
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
 from pyfast.train.config import TrainConfig, to_dict
@@ -70,6 +72,48 @@ def causal_lm_hidden(model: nn.Module, input_ids, attention_mask=None) -> torch.
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def padding_free_hidden(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's rows run as one unpadded row: (hidden (N, D), next-token targets (N,)).
+
+    Each right-padded row is cut after the input position of its last target (with causal
+    attention nothing later can change a loss term) and rows are laid end to end, position ids
+    restarting at 0 and attention kept within each row by
+    :class:`pyfast.ops.segments.SegmentedAttention` (the model must run transformers' "sdpa"
+    attention through :func:`pyfast.ops.fused_blocks.install_sdpa_dispatcher`). The mean loss
+    over the targets equals the padded batch's. None when no row has a target or a row is not
+    right-padded (the caller runs the padded batch).
+    """
+    targets = shifted_labels(labels)
+    pos = torch.arange(targets.shape[1], device=targets.device)
+    lengths = (torch.where(targets != IGNORE_INDEX, pos, -1).amax(1) + 1).tolist()
+    if attention_mask is not None:
+        real = attention_mask.sum(1).tolist()
+        if not all(bool(attention_mask[i, : real[i]].all()) for i in range(len(real))):
+            return None
+        lengths = [min(n, r) for n, r in zip(lengths, real, strict=True)]
+    rows = [i for i, n in enumerate(lengths) if n > 0]
+    if not rows:
+        return None
+    segments = SegmentedAttention.causal([lengths[i] for i in rows], input_ids.device)
+    out = model.get_decoder()(
+        input_ids=torch.cat([input_ids[i, : lengths[i]] for i in rows])[None],
+        position_ids=torch.cat([pos[: lengths[i]] for i in rows])[None],
+        use_cache=False,
+        pyfast_segments=segments,
+    )
+    cfg = getattr(model.config, "text_config", None) or model.config
+    if segments.calls != cfg.num_hidden_layers:
+        raise RuntimeError(
+            f"padding-free batches: {segments.calls} of the model's {cfg.num_hidden_layers} "
+            "attention layers ran the per-row attention (the model drops the keyword or asks "
+            "for more than plain attention); set model.padding_free: false"
+        )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden[0], torch.cat([targets[i, : lengths[i]] for i in rows])
+
+
 class Recipe:
     """Supervised fine-tuning / transfer learning of a causal LM (see the module docstring).
 
@@ -91,6 +135,7 @@ class Recipe:
         self.best_step: int | None = None
         self.stop_reason = ""
         self._since_best = 0
+        self.padding_free = False  # set by setup() where the model supports it
 
     # -- hooks ---------------------------------------------------------------------------------
     def load_model(self, spec: str):
@@ -130,14 +175,21 @@ class Recipe:
         The decoder body gives hidden states; :func:`pyfast.ops.linear_cross_entropy` takes them
         with the lm_head weight, so the (B, T, V) logits never exist.
         """
+        unpadded = None
         with self.autocast():
-            hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])
+            if self.padding_free:
+                unpadded = padding_free_hidden(
+                    model, batch["input_ids"], batch["labels"], batch["attention_mask"]
+                )
+            if unpadded is None:
+                hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])
+                targets = shifted_labels(batch["labels"])
+            else:
+                hidden, targets = unpadded
         head = model.get_output_embeddings()
         if hidden.dtype != head.weight.dtype:
             hidden = hidden.to(head.weight.dtype)
-        loss = linear_cross_entropy(
-            hidden, head.weight, shifted_labels(batch["labels"]), getattr(head, "bias", None)
-        )
+        loss = linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None))
         return loss, {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -187,6 +239,14 @@ class Recipe:
         if resume_from is not None:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
+        self.padding_free = False
+        if cfg.model.padding_free:
+            why = packing_unsupported(self.model, implementations=("sdpa",))
+            if why is None:
+                install_sdpa_dispatcher()
+                self.padding_free = True
+            else:
+                self.log(f"padding-free batches off for this model: {why}")
         if cfg.trim_heap_every:
             from pyfast.heap import HeapTrimmer
 

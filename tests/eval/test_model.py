@@ -145,3 +145,48 @@ def test_packing_falls_back_where_masks_are_not_custom(tiny_model, tiny_tokenize
     assert not HFLM(tiny_model, tiny_tokenizer).packed
     with pytest.raises(ValueError, match="sliding-window"):
         HFLM(tiny_model, tiny_tokenizer, packing=True)
+
+
+def test_segments_one_unpadded_row_per_pass_same_results(tiny_model, tiny_tokenizer):
+    """By default (sdpa attention) a batch is one unpadded row with attention per tree part; the
+    padded rows under a dense mask (segments=False) give the same log-likelihoods."""
+    reqs = REQUESTS + [
+        (FEWSHOT + f"Question: {q}\nAnswer:", choice)
+        for q in ("Which gas do plants absorb?", "Why are roots long?")
+        for choice in (" carbon dioxide", " A")
+    ]
+    seg = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64, min_shared=8)
+    rows = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64, min_shared=8,
+                segments=False)  # fmt: skip
+    assert seg.segmented and not rows.segmented
+    got, want = seg.loglikelihood(reqs), rows.loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+        assert ga == gb
+
+
+def test_segments_fall_back_to_rows_when_a_layer_ignores_them(tiny_model, tiny_tokenizer):
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=4)
+    ref = HFLM(tiny_model, tiny_tokenizer, batch_size=4, segments=False).loglikelihood(REQUESTS)
+    forward = lm.body.forward
+
+    def drops_the_keyword(*args, pyfast_segments=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    lm.body.forward = drops_the_keyword
+    try:
+        with pytest.warns(UserWarning, match="did not run segmented attention"):
+            got = lm.loglikelihood(REQUESTS)
+    finally:
+        del lm.body.forward
+    assert not lm.segmented
+    for (a, ga), (b, gb) in zip(got, ref, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+        assert ga == gb
+
+
+def test_segments_need_sdpa(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "_attn_implementation", "eager")
+    assert not HFLM(tiny_model, tiny_tokenizer).segmented  # packed rows with a dense mask
+    with pytest.raises(ValueError, match="segments need 'sdpa' attention, the model runs 'eager'"):
+        HFLM(tiny_model, tiny_tokenizer, segments=True)

@@ -252,3 +252,64 @@ def test_hf_dataset_rows(monkeypatch, tiny_tokenizer):
     assert stats["train"]["format"] == "prompt_completion"
     with pytest.raises(ValueError, match=r"hf:org/set\[train\]:row 2: missing field 'completion'"):
         load_examples(DataConfig(path=["org/set"], hf_config="bad"), tiny_tokenizer)
+
+
+def test_padding_free_batches_match_the_padded_loss_and_gradients(base_overrides):
+    """Rows cut after their last target and run end to end (attention within rows): the same
+    loss and gradients as the padded batch; rows without targets are left out."""
+    from pyfast.train.recipe import causal_lm_hidden, padding_free_hidden, shifted_labels
+
+    recipe = Recipe(load_config(None, base_overrides))
+    recipe.setup()
+    assert recipe.padding_free  # on by default where the model runs sdpa attention
+    batch = recipe.collate(recipe.train_examples[:5])
+    batch["labels"][1] = -100  # no targets: not run at all
+    n2 = int(batch["attention_mask"][2].sum())
+    batch["labels"][2, n2 - 3 :] = -100  # the row is cut before its last three tokens
+    model, head = recipe.model, recipe.model.get_output_embeddings().weight
+    hidden, targets = padding_free_hidden(
+        model, batch["input_ids"], batch["labels"], batch["attention_mask"]
+    )
+    # a row runs up to the token before its last label: that token predicts it
+    last_label = [max((p for p, x in enumerate(row.tolist()) if x != -100), default=0)
+                  for row in batch["labels"]]  # fmt: skip
+    assert last_label[1] == 0 and last_label[2] <= n2 - 4
+    assert hidden.shape[0] == targets.shape[0] == sum(last_label)
+    from pyfast.ops import linear_cross_entropy
+
+    loss = linear_cross_entropy(hidden, head, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])
+    ref = linear_cross_entropy(ref_hidden, head, shifted_labels(batch["labels"]))
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref, list(model.parameters())), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    no_targets = torch.full_like(batch["labels"], -100)
+    assert padding_free_hidden(model, batch["input_ids"], no_targets) is None
+    left = batch["attention_mask"].flip(1)  # left padding: the caller runs the padded batch
+    assert padding_free_hidden(model, batch["input_ids"], batch["labels"], left) is None
+
+
+def test_padding_free_run_equals_padded_run_and_fails_loudly(base_overrides, tmp_path):
+    runs = {}
+    for flag in ("true", "false"):
+        r = Recipe(load_config(None, [*base_overrides, "max_steps=3", "eval.every=0",
+                                      "save_final=false", f"model.padding_free={flag}",
+                                      f"output_dir={tmp_path / flag}"]))  # fmt: skip
+        r.run()
+        runs[flag] = r
+    assert runs["true"].padding_free and not runs["false"].padding_free
+    la = torch.tensor([h["loss"] for h in runs["true"].history])
+    lb = torch.tensor([h["loss"] for h in runs["false"].history])
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    # a model whose layers never see the per-row attention must not train on a mixed-up row
+    recipe = runs["true"]
+    body = recipe.model.get_decoder()
+    forward = body.forward
+    body.forward = lambda *a, pyfast_segments=None, **k: forward(*a, **k)
+    try:
+        batch = recipe.collate(recipe.train_examples[:2])
+        with pytest.raises(RuntimeError, match="padding_free: false"):
+            recipe.compute_loss(recipe.model, batch)
+    finally:
+        del body.forward

@@ -1,0 +1,103 @@
+"""SegmentedAttention: per-segment attention over one packed row equals dense masked attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyfast.ops.segments import Segment, SegmentedAttention, packing_unsupported
+
+
+def _dense_reference(segments, q, k, v, scale=None):
+    """The same attention through one (T, T) mask over the whole row (keys repeated per group)."""
+    T = q.shape[2]
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    for s in segments:
+        cols = torch.cat([torch.arange(a, b) for a, b in s.keys])
+        if s.mask is None:
+            block = torch.ones(s.end - s.start, s.end - s.start, dtype=torch.bool).tril()
+        else:
+            block = s.mask
+        allowed[s.start : s.end, cols] = block
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
+    return o.transpose(1, 2)
+
+
+def _tree_segments():
+    """A row of 14 tokens: a causal sequence (0..4), then a tree whose 3 shared tokens (4..7)
+    are read by a group (7..14) made of 2 context tokens and two 2-token continuations."""
+    cont = torch.tensor([-1, -1, 0, 0, 1, 1, 1])  # 7 own tokens of the group
+    own = torch.ones(7, 7, dtype=torch.bool).tril()
+    own &= (cont[None] == -1) | (cont[None] == cont[:, None])
+    return [
+        Segment(0, 4, ((0, 4),)),
+        Segment(4, 7, ((4, 7),)),
+        Segment(7, 14, ((4, 7), (7, 14)), torch.cat([torch.ones(7, 3, dtype=torch.bool), own], 1)),
+    ]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_dense_masked_attention_forward_and_backward(heads, kv_heads, dtype):
+    torch.manual_seed(0)
+    segments = _tree_segments()
+    q = torch.randn(1, heads, 14, 8, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, kv_heads, 14, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, kv_heads, 14, 8, dtype=dtype, requires_grad=True)
+    attn = SegmentedAttention(list(reversed(segments)), 14)  # any order
+    out = attn(q, k, v, scale=0.3)
+    assert out.shape == (1, 14, heads, 8) and attn.calls == 1
+    ref = _dense_reference(segments, q, k, v, scale=0.3)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_causal_rows_equal_separate_sequences():
+    torch.manual_seed(1)
+    lengths = [5, 1, 9]
+    q, k, v = torch.randn(1, 4, 15, 8), torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    out = SegmentedAttention.causal(lengths)(q, k, v)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        want = F.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl].repeat_interleave(2, 1), v[:, :, sl].repeat_interleave(2, 1),
+            is_causal=True,
+        )  # fmt: skip
+        torch.testing.assert_close(out[:, sl], want.transpose(1, 2))
+        start += n
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="starts at 5 where 4 was expected"):
+        SegmentedAttention([Segment(0, 4, ((0, 4),)), Segment(5, 6, ((5, 6),))], 6)
+    with pytest.raises(ValueError, match="cover positions 0..4, the row has 6"):
+        SegmentedAttention([Segment(0, 4, ((0, 4),))], 6)
+    with pytest.raises(ValueError, match="mask of shape"):
+        SegmentedAttention([Segment(0, 2, ((0, 2),), torch.ones(2, 3, dtype=torch.bool))], 2)
+    with pytest.raises(ValueError, match="without a mask must attend causally"):
+        SegmentedAttention([Segment(0, 2, ((0, 1), (1, 2)))], 2)
+    attn = SegmentedAttention.causal([3])
+    with pytest.raises(ValueError, match="one row of that length"):
+        attn(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+def test_packing_unsupported_names_the_reason(monkeypatch):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(64)
+    assert packing_unsupported(model) is None
+    assert "'sdpa'" not in (packing_unsupported(model, ("sdpa",)) or "")
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    assert packing_unsupported(model, ("sdpa",)) == "attention implementation 'eager'"
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
+    monkeypatch.setattr(model.config, "sliding_window", 32, raising=False)
+    assert packing_unsupported(model) == "sliding-window attention (32)"
