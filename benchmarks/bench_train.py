@@ -57,8 +57,10 @@ def _examples(tokenizer, data: str, loss: str, enough) -> list[tuple[list[int], 
     """(ids, labels) examples until `enough(examples)`: ARC-Easy train question + answer for
     "packed", HH-RLHF harmless dialogue + chosen answer for "padded"; the prompt's labels are
     -100 for `loss` "completion"."""
-    path = {"packed": ROOT / "data" / "arc_easy" / "train.jsonl",
-            "padded": ROOT / "data" / "hh_rlhf_harmless_base" / "pairs_300.jsonl"}[data]  # noqa: E501 fmt: skip
+    path = {
+        "packed": ROOT / "data" / "arc_easy" / "train.jsonl",
+        "padded": ROOT / "data" / "hh_rlhf_harmless_base" / "pairs_300.jsonl",
+    }[data]  # noqa: E501 fmt: skip
     examples: list[tuple[list[int], list[int]]] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
