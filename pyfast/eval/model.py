@@ -9,11 +9,13 @@ truncation) but computes faster:
   run once for all its continuations;
 - groups whose contexts start with the same tokens (a common few-shot prefix, e.g. MMLU's
   description and five examples) form a *prefix tree*: the shared tokens once, then each group's
-  remaining context, then each continuation; trees are packed into rows of about ``row_tokens``
-  tokens, one forward pass per ``batch_size`` rows. A 4-D attention mask lets every token see
-  exactly its ancestors in its own tree, and position ids restart where they would in the
-  unpacked sequence, so each hidden state equals the one of the plain causal pass (tree
-  attention) while padding all but disappears. Models whose attention takes no custom 4-D mask
+  remaining context, then each continuation; position ids restart where they would in the
+  unpacked sequence and every token sees exactly its ancestors in its own tree, so each hidden
+  state equals the one of the plain causal pass (tree attention). On transformers' "sdpa"
+  attention the trees of a batch are laid end to end in one unpadded row of up to ``batch_size``
+  x ``row_tokens`` tokens and attention runs per tree part (:func:`_tree_segments`); on eager
+  attention trees are packed into rows of about ``row_tokens`` tokens, padded to the longest
+  of ``batch_size`` rows, under a dense 4-D mask. Models whose attention takes no custom mask
   (flash-attention kernels, sliding windows, ALiBi) run each batch of contexts once and expand
   their KV cache over the continuations instead;
 - only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`).

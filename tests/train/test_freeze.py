@@ -91,7 +91,9 @@ def test_lora_saves_peft_format_and_merges(base_overrides, tmp_path):
         "eval.every=0",
         "optim.lr=5e-2",
     ]
-    summary = Recipe(load_config(None, over)).run()
+    recipe = Recipe(load_config(None, over))
+    summary = recipe.run()
+    assert recipe.padding_free  # the PEFT-wrapped body passes the per-row attention through
     final = tmp_path / "run" / "final"
     assert (final / "adapter_model.safetensors").is_file() and (
         final / "adapter_config.json"
