@@ -5,9 +5,11 @@ Two batch layouts, one result (:class:`PairLogps`):
 - concatenated (:func:`pyfast.align.data.collate_pairs`): chosen and rejected rows, each prompt +
   answer, go through the model in one (2B, T) forward;
 - shared prompt (:func:`pyfast.align.data.collate_shared_prompt`, the recipe's default): each
-  prompt runs once, (B, P), and its key/value cache is repeated for the two answers, which run
-  as one (2B, A) forward on top of it. Chosen and rejected share their prompt, so the prompt's
-  tokens cost once instead of twice, forward and backward (gradients flow through the cache).
+  prompt runs once for both answers, so its tokens cost once instead of twice, forward and
+  backward. On transformers' "sdpa" attention the batch runs as one unpadded row of trees (a
+  prompt, then each answer), attention per tree part (:mod:`pyfast.ops.segments`); otherwise
+  the prompts run as (B, P) and their key/value cache is repeated for the two answers, which
+  run as one (2B, A) forward on top of it (gradients flow through the cache).
 
 Either way only the hidden states of answer tokens reach the head: they are gathered into an
 (M, D) matrix and scored by :func:`pyfast.ops.linear_token_logprobs` against the lm_head weight,
@@ -25,6 +27,13 @@ import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
 from pyfast.ops import linear_token_logprobs
+from pyfast.ops.fused_blocks import install_sdpa_dispatcher
+from pyfast.ops.segments import (
+    Segment,
+    SegmentedAttention,
+    decoder_hidden,
+    packing_unsupported,
+)
 from pyfast.ops.token_logprobs import _check_plain_head
 from pyfast.train.recipe import causal_lm_hidden
 
@@ -106,14 +115,73 @@ def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Pa
     return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+    """The shared-prompt batch as one unpadded row of trees: per pair its prompt, then the
+    chosen and the rejected answer but their last tokens, position ids continuing the prompt;
+    attention per tree part (:class:`pyfast.ops.segments.SegmentedAttention`): the prompt
+    causally over itself, each answer over the prompt and causally over itself."""
+    pmask, amask = batch["prompt_mask"].bool(), batch["answer_mask"].bool()
+    ids, pos, segments, where, targets, owner = [], [], [], [], [], []
+    t = 0
+    for i in range(pmask.shape[0]):
+        prompt = batch["prompt_ids"][i][pmask[i]]
+        n = prompt.numel()
+        ids.append(prompt)
+        pos.append(torch.arange(n))
+        segments.append(Segment(t, t + n, ((t, t + n),)))
+        p0, t = t, t + n
+        for j in (2 * i, 2 * i + 1):
+            answer = batch["answer_ids"][j][amask[j]]
+            m = answer.numel()
+            if m == 0:
+                continue
+            # answer token 0 is predicted at the prompt's last position, token k at its k - 1
+            where += [p0 + n - 1, *range(t, t + m - 1)]
+            targets.append(answer)
+            owner += [j] * m
+            if m > 1:
+                ids.append(answer[:-1])
+                pos.append(torch.arange(n, n + m - 1))
+                own = torch.ones(m - 1, m - 1, dtype=torch.bool).tril()
+                mask = torch.cat([own.new_ones(m - 1, n), own], 1)
+                segments.append(Segment(t, t + m - 1, ((p0, p0 + n), (t, t + m - 1)), mask))
+                t += m - 1
+    dev = batch["prompt_ids"].device
+    hidden = decoder_hidden(
+        model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), SegmentedAttention(segments, t, dev),
+        "call pair_logps(..., trees=False)",
+    )[torch.tensor(where, device=dev)]  # (M, D)  # fmt: skip
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    logprobs, _, _ = linear_token_logprobs(hidden, weight, torch.cat(targets).to(dev), bias)
+    rows = torch.tensor(owner, device=dev)
+    sums = torch.zeros(amask.shape[0], dtype=logprobs.dtype, device=dev).index_add(
+        0, rows, logprobs
+    )
+    counts = amask.sum(-1)
+    return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
+
+
+def pair_logps(
+    model: torch.nn.Module, batch: dict[str, Tensor], trees: bool | None = None
+) -> PairLogps:
     """Summed log pi(answer | prompt) of chosen and rejected answers of a pair batch (either
     layout, see the module docstring), differentiable.
 
     `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
+    A shared-prompt batch runs as one unpadded row of prompt trees (:func:`_tree_logps`) where
+    `trees` is True, or None and the model is on transformers' "sdpa" attention without sliding
+    windows; otherwise prompts run once and their key/value cache is repeated for the answers.
     """
     _check_plain_head(model)
     if "prompt_ids" in batch:
+        if trees is None:
+            trees = packing_unsupported(model, implementations=("sdpa",)) is None
+        if trees:
+            install_sdpa_dispatcher()
+            return _tree_logps(model, batch)
         return _shared_prompt_logps(model, batch)
     hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
     shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): token t + 1

@@ -107,6 +107,29 @@ class SegmentedAttention:
         return cls(segments, start, device)
 
 
+def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, remedy: str):
+    """The last hidden states (T, D) of `model`'s decoder body over one packed row (`input_ids`
+    and `position_ids` of shape (T,)) under `attention` (a :class:`SegmentedAttention`).
+
+    Raises RuntimeError, naming `remedy`, when not every attention layer ran the segments (a
+    model that drops the keyword, or asks for more than plain attention): the row would have
+    attended across its sequences."""
+    out = model.get_decoder()(
+        input_ids=input_ids[None],
+        position_ids=position_ids[None],
+        use_cache=False,
+        pyfast_segments=attention,
+    )
+    cfg = getattr(model.config, "text_config", None) or model.config
+    if attention.calls != cfg.num_hidden_layers:
+        raise RuntimeError(
+            f"{attention.calls} of the model's {cfg.num_hidden_layers} attention layers ran "
+            "the segmented attention (the model drops the keyword or asks for more than plain "
+            f"attention); {remedy}"
+        )
+    return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+
+
 # Models whose attention bias comes from the mask layout rather than from position ids.
 _ALIBI = {"bloom", "mpt", "falcon", "baichuan", "jais"}
 

@@ -34,7 +34,7 @@ from torch import nn
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
 from pyfast.ops.fused_blocks import install_sdpa_dispatcher
-from pyfast.ops.segments import SegmentedAttention, packing_unsupported
+from pyfast.ops.segments import SegmentedAttention, decoder_hidden, packing_unsupported
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
 from pyfast.train.config import TrainConfig, to_dict
@@ -96,22 +96,14 @@ def padding_free_hidden(
     rows = [i for i, n in enumerate(lengths) if n > 0]
     if not rows:
         return None
-    segments = SegmentedAttention.causal([lengths[i] for i in rows], input_ids.device)
-    out = model.get_decoder()(
-        input_ids=torch.cat([input_ids[i, : lengths[i]] for i in rows])[None],
-        position_ids=torch.cat([pos[: lengths[i]] for i in rows])[None],
-        use_cache=False,
-        pyfast_segments=segments,
+    hidden = decoder_hidden(
+        model,
+        torch.cat([input_ids[i, : lengths[i]] for i in rows]),
+        torch.cat([pos[: lengths[i]] for i in rows]),
+        SegmentedAttention.causal([lengths[i] for i in rows], input_ids.device),
+        "set model.padding_free: false",
     )
-    cfg = getattr(model.config, "text_config", None) or model.config
-    if segments.calls != cfg.num_hidden_layers:
-        raise RuntimeError(
-            f"padding-free batches: {segments.calls} of the model's {cfg.num_hidden_layers} "
-            "attention layers ran the per-row attention (the model drops the keyword or asks "
-            "for more than plain attention); set model.padding_free: false"
-        )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return hidden[0], torch.cat([targets[i, : lengths[i]] for i in rows])
+    return hidden, torch.cat([targets[i, : lengths[i]] for i in rows])
 
 
 class Recipe:

@@ -103,15 +103,17 @@ def test_lora_reference_uses_disabled_adapters(tiny_model, pairs, tokenizer, tmp
     assert not torch.allclose(policy.chosen.detach(), ref_c, atol=1e-3)
 
 
-def test_shared_prompt_layout_matches_concatenated(tokenizer, pairs):
-    """Prompt once + cache repeated for both answers = the (2B, T) concatenated forward,
-    values and gradients (prompts of different lengths, so left padding is exercised)."""
+@pytest.mark.parametrize("trees", [True, False])
+def test_shared_prompt_layout_matches_concatenated(tokenizer, pairs, trees):
+    """Prompt once for both answers — as one unpadded row of prompt trees, or with the prompt's
+    cache repeated — = the (2B, T) concatenated forward, values and gradients (prompts of
+    different lengths, so left padding is exercised)."""
     pad = tokenizer.eos_token_id
     some = pairs[:4]
     assert len({len(p.prompt_ids) for p in some}) > 1
     a = make_tiny_llama(len(tokenizer), seed=3)
     b = make_tiny_llama(len(tokenizer), seed=3)
-    shared = pair_logps(a, collate_shared_prompt(some, pad))
+    shared = pair_logps(a, collate_shared_prompt(some, pad), trees=trees)
     concat = pair_logps(b, collate_pairs(some, pad))
     for x, y in [(shared.chosen, concat.chosen), (shared.rejected, concat.rejected)]:
         assert torch.allclose(x, y, atol=1e-4, rtol=1e-5)
@@ -124,14 +126,21 @@ def test_shared_prompt_layout_matches_concatenated(tokenizer, pairs):
 
 
 def test_gradient_checkpointing_refuses_the_shared_prompt_layout(tokenizer, pairs):
-    """Checkpointed layers drop the cache: the shared-prompt layout must refuse, not mis-score;
-    the concatenated layout (what the recipe collates under checkpointing) still matches."""
+    """Checkpointed layers drop the cache: the shared-prompt layout's cache path must refuse,
+    not mis-score; its tree path (no cache) and the concatenated layout (what the recipe
+    collates under checkpointing) still match."""
     pad = tokenizer.eos_token_id
     model = make_tiny_llama(len(tokenizer), seed=3)
     model.gradient_checkpointing_enable()
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing disables"):
-        pair_logps(model, collate_shared_prompt(pairs[:2], pad))
+        pair_logps(model, collate_shared_prompt(pairs[:2], pad), trees=False)
+    tree = pair_logps(model, collate_shared_prompt(pairs[:2], pad))
+    want = pair_logps(
+        make_tiny_llama(len(tokenizer), seed=3).train(), collate_pairs(pairs[:2], pad)
+    )
+    assert torch.allclose(tree.chosen, want.chosen, atol=1e-4)
+    assert torch.allclose(tree.rejected, want.rejected, atol=1e-4)
     plain = make_tiny_llama(len(tokenizer), seed=3).train()
     a = pair_logps(model, collate_pairs(pairs[:2], pad))
     b = pair_logps(plain, collate_pairs(pairs[:2], pad))
