@@ -7,19 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from pyfast.ops.segments import Segment, SegmentedAttention, packing_unsupported
+from tests.conftest import HAS_CUDA
 
 
 def _dense_reference(segments, q, k, v, scale=None):
     """The same attention through one (T, T) mask over the whole row (keys repeated per group)."""
     T = q.shape[2]
-    allowed = torch.zeros(T, T, dtype=torch.bool)
+    allowed = torch.zeros(T, T, dtype=torch.bool, device=q.device)
     for s in segments:
         cols = torch.cat([torch.arange(a, b) for a, b in s.keys])
         if s.mask is None:
             block = torch.ones(s.end - s.start, s.end - s.start, dtype=torch.bool).tril()
         else:
             block = s.mask
-        allowed[s.start : s.end, cols] = block
+        allowed[s.start : s.end, cols.to(q.device)] = block.to(q.device)
     g = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
@@ -39,15 +40,22 @@ def _tree_segments():
     ]
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_dense_masked_attention_forward_and_backward(heads, kv_heads, dtype):
+def test_matches_dense_masked_attention_forward_and_backward(heads, kv_heads, dtype, device):
     torch.manual_seed(0)
     segments = _tree_segments()
-    q = torch.randn(1, heads, 14, 8, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, kv_heads, 14, 8, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, kv_heads, 14, 8, dtype=dtype, requires_grad=True)
-    attn = SegmentedAttention(list(reversed(segments)), 14)  # any order
+    q = torch.randn(1, heads, 14, 8, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(1, kv_heads, 14, 8, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(1, kv_heads, 14, 8, dtype=dtype, device=device, requires_grad=True)
+    attn = SegmentedAttention(list(reversed(segments)), 14, device)  # any order
     out = attn(q, k, v, scale=0.3)
     assert out.shape == (1, 14, heads, 8) and attn.calls == 1
     ref = _dense_reference(segments, q, k, v, scale=0.3)
