@@ -10,7 +10,7 @@ the q/k/v of one layer, side by side in one process (compare medians within a gr
   (``pyfast.eval.model._rows``), padded to the longest, under
   the dense (rows, 1, L, L) tree mask with keys repeated per query head (what transformers' sdpa
   path does with a 4-D mask); pyfast: one unpadded row, one call per tree part
-  (:func:`pyfast.eval.model._tree_segments`). Forward only, as evaluation runs it.
+  (:func:`pyfast.ops.segments.tree_attention`). Forward only, as evaluation runs it.
 - "training rows": 4 rows of 256, 241, 230 and 212 tokens (a batch cut after each row's last
   target). stock: the (4, 256) padded batch, causal; pyfast: the 939 real tokens as one row, one
   causal call per row (:meth:`SegmentedAttention.causal`). Forward + backward.
@@ -37,7 +37,8 @@ def _trees(n=24, seed=0):
 
     Trees: a 25-60-token context and four endings of 6-16 tokens (each but its last token fed),
     HellaSwag's shape. The rows are what pyfast's row path packs (``_rows``, 128 tokens)."""
-    from pyfast.eval.model import _rows, _tree_segments
+    from pyfast.eval.model import _rows
+    from pyfast.ops.segments import tree_attention
 
     g = torch.Generator().manual_seed(seed)
     parts, cont, trees, t = [], [], [], 0
@@ -48,7 +49,7 @@ def _trees(n=24, seed=0):
         cont += [-1] * ctx + [k for k, e in enumerate(ends) for _ in range(e - 1)]
         trees.append(_Tree(t, parts[-1][3] - t))
         t = parts[-1][3]
-    segments = _tree_segments(parts, torch.tensor(cont), t, "cpu")
+    segments = tree_attention(parts, torch.tensor(cont), t, "cpu")
     rows = _rows(trees, 128)
     L = max(sum(tr.length for tr in r) for r in rows)
     where = {}  # tree start -> (row, offset in the row)

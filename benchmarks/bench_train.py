@@ -150,11 +150,13 @@ def build_step(provider: str, args):
 
     else:
         from pyfast.ops import linear_cross_entropy
-        from pyfast.ops.fused_blocks import install_sdpa_dispatcher
+        from pyfast.ops.segments import prepare_segments
         from pyfast.optim import FusedAdamW
         from pyfast.train.recipe import padding_free_hidden
 
-        install_sdpa_dispatcher()  # as pyfast.train.Recipe does for model.padding_free
+        why = prepare_segments(model)  # as pyfast.train.Recipe does for model.padding_free
+        if why:
+            raise SystemExit(f"bench_train: padding-free batches unsupported: {why}")
 
         opt = FusedAdamW(params, lr=LR, weight_decay=WD, max_grad_norm=CLIP)
         opt.allocate_state()  # as pyfast.train.Recipe does

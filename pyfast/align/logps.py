@@ -27,13 +27,7 @@ import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
 from pyfast.ops import linear_token_logprobs
-from pyfast.ops.fused_blocks import install_sdpa_dispatcher
-from pyfast.ops.segments import (
-    Segment,
-    SegmentedAttention,
-    decoder_hidden,
-    packing_unsupported,
-)
+from pyfast.ops.segments import decoder_hidden, prepare_segments, tree_attention
 from pyfast.ops.token_logprobs import _check_plain_head
 from pyfast.train.recipe import causal_lm_hidden
 
@@ -121,15 +115,15 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     attention per tree part (:class:`pyfast.ops.segments.SegmentedAttention`): the prompt
     causally over itself, each answer over the prompt and causally over itself."""
     pmask, amask = batch["prompt_mask"].bool(), batch["answer_mask"].bool()
-    ids, pos, segments, where, targets, owner = [], [], [], [], [], []
+    ids, pos, parts, where, targets, owner = [], [], [], [], [], []
     t = 0
     for i in range(pmask.shape[0]):
         prompt = batch["prompt_ids"][i][pmask[i]]
         n = prompt.numel()
         ids.append(prompt)
         pos.append(torch.arange(n))
-        segments.append(Segment(t, t + n, ((t, t + n),)))
         p0, t = t, t + n
+        parts.append((p0, n, t, t))  # the prompt: the tree's shared part
         for j in (2 * i, 2 * i + 1):
             answer = batch["answer_ids"][j][amask[j]]
             m = answer.numel()
@@ -139,16 +133,14 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
             where += [p0 + n - 1, *range(t, t + m - 1)]
             targets.append(answer)
             owner += [j] * m
-            if m > 1:
-                ids.append(answer[:-1])
-                pos.append(torch.arange(n, n + m - 1))
-                own = torch.ones(m - 1, m - 1, dtype=torch.bool).tril()
-                mask = torch.cat([own.new_ones(m - 1, n), own], 1)
-                segments.append(Segment(t, t + m - 1, ((p0, p0 + n), (t, t + m - 1)), mask))
-                t += m - 1
+            ids.append(answer[:-1])
+            pos.append(torch.arange(n, n + m - 1))
+            parts.append((p0, n, t, t + m - 1))  # a group of the tree: causal over itself
+            t += m - 1
     dev = batch["prompt_ids"].device
+    attention = tree_attention(parts, torch.full((t,), -1), t, dev)
     hidden = decoder_hidden(
-        model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), SegmentedAttention(segments, t, dev),
+        model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), attention,
         "call pair_logps(..., trees=False)",
     )[torch.tensor(where, device=dev)]  # (M, D)  # fmt: skip
     head = model.get_output_embeddings()
@@ -178,9 +170,10 @@ def pair_logps(
     _check_plain_head(model)
     if "prompt_ids" in batch:
         if trees is None:
-            trees = packing_unsupported(model, implementations=("sdpa",)) is None
+            trees = prepare_segments(model) is None
+        elif trees:
+            prepare_segments(model)
         if trees:
-            install_sdpa_dispatcher()
             return _tree_logps(model, batch)
         return _shared_prompt_logps(model, batch)
     hidden = causal_lm_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, D)

@@ -13,9 +13,10 @@ truncation) but computes faster:
   unpacked sequence and every token sees exactly its ancestors in its own tree, so each hidden
   state equals the one of the plain causal pass (tree attention). On transformers' "sdpa"
   attention the trees of a batch are laid end to end in one unpadded row of up to ``batch_size``
-  x ``row_tokens`` tokens and attention runs per tree part (:func:`_tree_segments`); on eager
-  attention trees are packed into rows of about ``row_tokens`` tokens, padded to the longest
-  of ``batch_size`` rows, under a dense 4-D mask. Models whose attention takes no custom mask
+  x ``row_tokens`` tokens and attention runs per tree part
+  (:func:`pyfast.ops.segments.tree_attention`); on eager attention trees are packed into rows
+  of about ``row_tokens`` tokens, padded to the longest of ``batch_size`` rows, under a dense
+  4-D mask. Models whose attention takes no custom mask
   (flash-attention kernels, sliding windows, ALiBi) run each batch of contexts once and expand
   their KV cache over the continuations instead;
 - only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`).
@@ -36,8 +37,13 @@ import torch
 
 from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
 from pyfast.eval.scoring import target_logprobs
-from pyfast.ops.fused_blocks import install_sdpa_dispatcher
-from pyfast.ops.segments import Segment, SegmentedAttention, packing_unsupported
+from pyfast.ops.segments import (
+    SegmentsNotTaken,
+    decoder_hidden,
+    packing_unsupported,
+    prepare_segments,
+    tree_attention,
+)
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _DEFAULT_MAX_LENGTH = 2048
@@ -138,29 +144,6 @@ def _rows(trees: list[_Tree], budget: int, window: int = 16) -> list[list[_Tree]
     return sorted(rows, key=lambda r: -sum(t.length for t in r))
 
 
-def _tree_segments(parts, cont: torch.Tensor, length: int, device) -> SegmentedAttention:
-    """The attention of one unpadded row of trees, from its `parts` (shared start, shared
-    length, group start, group end) and the row's continuation index per token (-1: context):
-    each tree's shared tokens attend causally over themselves; each group's own tokens (the rest
-    of its context, then every continuation but its last token) attend to all shared tokens and,
-    among their own, to earlier context and earlier tokens of their own continuation."""
-    segments, shared_done = [], set()
-    for t0, S, g0, g1 in parts:
-        if S and t0 not in shared_done:
-            segments.append(Segment(t0, t0 + S, ((t0, t0 + S),)))
-            shared_done.add(t0)
-        if g1 > g0:
-            n, c = g1 - g0, cont[g0:g1]
-            own = torch.ones(n, n, dtype=torch.bool).tril_()
-            own &= (c.unsqueeze(0) == -1) | (c.unsqueeze(0) == c.unsqueeze(1))
-            if S:
-                segments.append(Segment(g0, g1, ((t0, t0 + S), (g0, g1)),
-                                        torch.cat([own.new_ones(n, S), own], 1)))  # fmt: skip
-            else:
-                segments.append(Segment(g0, g1, ((g0, g1),), own))
-    return SegmentedAttention(segments, length, device)
-
-
 class HFLM(LM):
     """Hugging Face causal-LM backend.
 
@@ -236,11 +219,7 @@ class HFLM(LM):
         impl = getattr(model.config, "_attn_implementation", None)
         if segments and impl != "sdpa":
             raise ValueError(f"HFLM: segments need 'sdpa' attention, the model runs {impl!r}")
-        self.segmented = self.packed and (impl == "sdpa" if segments is None else segments)
-        if self.segmented:
-            install_sdpa_dispatcher()
-        text_cfg = getattr(cfg, "text_config", None) or cfg
-        self._attention_layers = getattr(text_cfg, "num_hidden_layers", None)
+        self.segmented = self.packed and segments is not False and prepare_segments(model) is None
         self.row_tokens = row_tokens or (128 if self.device.type == "cpu" else 512)
         self.min_shared = max(1, min_shared)
         if batch_size == "auto":
@@ -427,8 +406,23 @@ class HFLM(LM):
                         index.append(g.index[ci])
                         t = put(b, t, c[:-1], len(g.prefix), ti, gi, ci)
                     parts.append((t0, S, g0, t))
+        self.stats["forward_passes"] += 1
         if segmented:
-            attend = {"pyfast_segments": _tree_segments(parts, cont[0], L, dev)}
+            try:
+                hidden = decoder_hidden(
+                    self.model, ids[0].to(dev), pos[0].to(dev),
+                    tree_attention(parts, cont[0], L, dev),
+                    "scoring on padded rows with a dense mask instead",
+                ).unsqueeze(0)  # (1, L, H)  # fmt: skip
+            except SegmentsNotTaken as exc:
+                # score these trees on padded rows under a dense mask, and every later batch
+                name = type(self.model).__name__
+                warnings.warn(f"HFLM: {name} did not run segmented attention in every layer: {exc}",
+                              stacklevel=2)  # fmt: skip
+                self.segmented = False
+                rows, bs = _rows(batch[0], self.row_tokens), self.batch_size
+                batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+                return [x for rb in batches for x in self._score_packed(rb)]
         else:
             # Query i sees key j <= i of its own tree that is shared, or of its group and either
             # context or its own continuation; padding sees only itself (no all-masked rows).
@@ -440,24 +434,12 @@ class HFLM(LM):
             seen |= torch.eye(L, dtype=torch.bool) & (tq < 0)
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
-            attend = {"attention_mask": mask.unsqueeze(1).to(dev)}
-        hidden = self.body(
-            input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False, **attend
-        ).last_hidden_state  # (B, L, H)
-        self.stats["forward_passes"] += 1
-        if segmented and attend["pyfast_segments"].calls != self._attention_layers:
-            # Some attention layer did not take the segments (a model that drops the keyword,
-            # or asks for more than plain attention): score these trees on padded rows, and
-            # every later batch too.
-            warnings.warn(
-                f"HFLM: {type(self.model).__name__} did not run segmented attention in every "
-                "layer; scoring on padded rows with a dense mask instead",
-                stacklevel=2,
-            )
-            self.segmented = False
-            rows, bs = _rows(batch[0], self.row_tokens), self.batch_size
-            batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
-            return [x for rb in batches for x in self._score_packed(rb)]
+            hidden = self.body(
+                input_ids=ids.to(dev),
+                attention_mask=mask.unsqueeze(1).to(dev),
+                position_ids=pos.to(dev),
+                use_cache=False,
+            ).last_hidden_state  # (B, L, H)
         h = hidden[torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)]
         lp, greedy = target_logprobs(
             h, self.head.weight, torch.tensor(targets, device=dev), self.head.bias

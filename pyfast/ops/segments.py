@@ -48,8 +48,9 @@ class SegmentedAttention:
     layout transformers' attention functions return)."""
 
     def __init__(self, segments: list[Segment], length: int, device: torch.device | str = "cpu"):
+        segments = sorted(segments, key=lambda s: s.start)
         covered = 0
-        for s in sorted(segments, key=lambda s: s.start):
+        for s in segments:
             if s.start != covered or s.end <= s.start:
                 raise ValueError(
                     f"segments must cover positions 0..{length} once: a segment starts at "
@@ -69,7 +70,7 @@ class SegmentedAttention:
         dev = torch.device(device)
         self.segments = [
             s if s.mask is None else Segment(s.start, s.end, s.keys, s.mask.to(dev))
-            for s in sorted(segments, key=lambda s: s.start)
+            for s in segments
         ]
         self.length = length
         self.calls = 0
@@ -107,13 +108,41 @@ class SegmentedAttention:
         return cls(segments, start, device)
 
 
+def tree_attention(parts, cont: Tensor, length: int, device="cpu") -> SegmentedAttention:
+    """The attention of one unpadded row of prefix trees, from its `parts` (shared start, shared
+    length, group start, group end; a tree's shared part once, whatever number of its groups
+    name it) and the row's continuation index per token (-1: context): each tree's shared tokens
+    attend causally over themselves; each group's own tokens (context, then continuations)
+    attend to all shared tokens and, among their own, to earlier context and earlier tokens of
+    their own continuation."""
+    segments, shared_done = [], set()
+    for t0, S, g0, g1 in parts:
+        if S and t0 not in shared_done:
+            segments.append(Segment(t0, t0 + S, ((t0, t0 + S),)))
+            shared_done.add(t0)
+        if g1 > g0:
+            n, c = g1 - g0, cont[g0:g1]
+            own = torch.ones(n, n, dtype=torch.bool).tril_()
+            own &= (c.unsqueeze(0) == -1) | (c.unsqueeze(0) == c.unsqueeze(1))
+            if S:
+                segments.append(Segment(g0, g1, ((t0, t0 + S), (g0, g1)),
+                                        torch.cat([own.new_ones(n, S), own], 1)))  # fmt: skip
+            else:
+                segments.append(Segment(g0, g1, ((g0, g1),), own))
+    return SegmentedAttention(segments, length, device)
+
+
+class SegmentsNotTaken(RuntimeError):
+    """Not every attention layer ran the segments: the row attended across its sequences."""
+
+
 def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, remedy: str):
     """The last hidden states (T, D) of `model`'s decoder body over one packed row (`input_ids`
     and `position_ids` of shape (T,)) under `attention` (a :class:`SegmentedAttention`).
 
-    Raises RuntimeError, naming `remedy`, when not every attention layer ran the segments (a
-    model that drops the keyword, or asks for more than plain attention): the row would have
-    attended across its sequences."""
+    Raises :class:`SegmentsNotTaken`, naming `remedy`, when not every attention layer ran the
+    segments (a model that drops the keyword, or asks for more than plain attention): the row
+    would have attended across its sequences."""
     out = model.get_decoder()(
         input_ids=input_ids[None],
         position_ids=position_ids[None],
@@ -122,7 +151,7 @@ def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, re
     )
     cfg = getattr(model.config, "text_config", None) or model.config
     if attention.calls != cfg.num_hidden_layers:
-        raise RuntimeError(
+        raise SegmentsNotTaken(
             f"{attention.calls} of the model's {cfg.num_hidden_layers} attention layers ran "
             "the segmented attention (the model drops the keyword or asks for more than plain "
             f"attention); {remedy}"
@@ -154,3 +183,15 @@ def packing_unsupported(model, implementations=("eager", "sdpa")) -> str | None:
         if "position_ids" not in inspect.signature(body.forward).parameters
         else None
     )  # fmt: skip
+
+
+def prepare_segments(model) -> str | None:
+    """None where `model` can run :class:`SegmentedAttention` (transformers' "sdpa" attention
+    without sliding windows or ALiBi, position ids taken), after installing the dispatcher that
+    routes it (:func:`pyfast.ops.fused_blocks.install_sdpa_dispatcher`); else the reason."""
+    why = packing_unsupported(model, implementations=("sdpa",))
+    if why is None:
+        from pyfast.ops.fused_blocks import install_sdpa_dispatcher
+
+        install_sdpa_dispatcher()
+    return why

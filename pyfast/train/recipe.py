@@ -33,8 +33,7 @@ from torch import nn
 
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
-from pyfast.ops.fused_blocks import install_sdpa_dispatcher
-from pyfast.ops.segments import SegmentedAttention, decoder_hidden, packing_unsupported
+from pyfast.ops.segments import SegmentedAttention, decoder_hidden, prepare_segments
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
 from pyfast.train.config import TrainConfig, to_dict
@@ -81,9 +80,9 @@ def padding_free_hidden(
     attention nothing later can change a loss term) and rows are laid end to end, position ids
     restarting at 0 and attention kept within each row by
     :class:`pyfast.ops.segments.SegmentedAttention` (the model must run transformers' "sdpa"
-    attention through :func:`pyfast.ops.fused_blocks.install_sdpa_dispatcher`). The mean loss
-    over the targets equals the padded batch's. None when no row has a target or a row is not
-    right-padded (the caller runs the padded batch).
+    attention through the dispatcher that :func:`pyfast.ops.segments.prepare_segments`
+    installs). The mean loss over the targets equals the padded batch's. None when no row has
+    a target or a row is not right-padded (the caller runs the padded batch).
     """
     targets = shifted_labels(labels)
     pos = torch.arange(targets.shape[1], device=targets.device)
@@ -231,13 +230,10 @@ class Recipe:
         if resume_from is not None:
             ckpt.load_weights_into(self.model, resume_from)
         self.log(self.plan.summary())
-        self.padding_free = False
         if cfg.model.padding_free:
-            why = packing_unsupported(self.model, implementations=("sdpa",))
-            if why is None:
-                install_sdpa_dispatcher()
-                self.padding_free = True
-            else:
+            why = prepare_segments(self.model)
+            self.padding_free = why is None
+            if why:
                 self.log(f"padding-free batches off for this model: {why}")
         if cfg.trim_heap_every:
             from pyfast.heap import HeapTrimmer
