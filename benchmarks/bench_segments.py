@@ -6,11 +6,11 @@ SmolLM2-135M's attention shapes (9 query heads, 3 key/value heads, head dim 64),
 the q/k/v of one layer, side by side in one process (compare medians within a group):
 
 - "eval trees": 24 HellaSwag-shaped prefix trees (a 25-60-token context and four endings of
-  6-16 tokens). stock: the trees packed into rows of 128 tokens as pyfast's row path packs them
-  (``pyfast.eval.model._rows``), padded to the longest, under
+  6-16 tokens). stock: the trees packed into rows of 128 tokens, padded to the longest, under
   the dense (rows, 1, L, L) tree mask with keys repeated per query head (what transformers' sdpa
-  path does with a 4-D mask); pyfast: one unpadded row, one call per tree part
-  (:func:`pyfast.ops.segments.tree_attention`). Forward only, as evaluation runs it.
+  path does with a 4-D mask); pyfast: one unpadded row, one call per tree
+  (:func:`pyfast.ops.segments.trie_attention`, subtrees of up to 256 tokens in one call, as
+  pyfast eval runs them). Forward only, as evaluation runs it.
 - "training rows": 4 rows of 256, 241, 230 and 212 tokens (a batch cut after each row's last
   target). stock: the (4, 256) padded batch, causal; pyfast: the 939 real tokens as one row, one
   causal call per row (:meth:`SegmentedAttention.causal`). Forward + backward.
@@ -27,50 +27,40 @@ from pyfast.ops.segments import SegmentedAttention
 HEADS, KV, DIM = 9, 3, 64
 
 
-class _Tree:
-    def __init__(self, start: int, length: int):
-        self.start, self.length = start, length
-
-
 def _trees(n=24, seed=0):
     """(real tokens, the unpadded row's SegmentedAttention, the padded rows' dense mask).
 
     Trees: a 25-60-token context and four endings of 6-16 tokens (each but its last token fed),
-    HellaSwag's shape. The rows are what pyfast's row path packs (``_rows``, 128 tokens)."""
-    from pyfast.eval.model import _rows
-    from pyfast.ops.segments import tree_attention
+    HellaSwag's shape, as token tries in depth-first order (``end``: where each position's
+    subtree ends). The rows take whole trees in order up to 128 tokens, as pyfast's row path
+    packs them."""
+    from pyfast.ops.segments import trie_attention
 
     g = torch.Generator().manual_seed(seed)
-    parts, cont, trees, t = [], [], [], 0
+    trees = []  # per tree: its end list, relative to its first token
     for _ in range(n):
         ctx = int(torch.randint(25, 61, (1,), generator=g))
         ends = torch.randint(6, 17, (4,), generator=g).tolist()
-        parts.append((t, ctx, t + ctx, t + ctx + sum(e - 1 for e in ends)))
-        cont += [-1] * ctx + [k for k, e in enumerate(ends) for _ in range(e - 1)]
-        trees.append(_Tree(t, parts[-1][3] - t))
-        t = parts[-1][3]
-    segments = tree_attention(parts, torch.tensor(cont), t, "cpu")
-    rows = _rows(trees, 128)
-    L = max(sum(tr.length for tr in r) for r in rows)
-    where = {}  # tree start -> (row, offset in the row)
-    for r, row in enumerate(rows):
-        off = 0
-        for tr in row:
-            where[tr.start] = (r, off)
-            off += tr.length
-    allowed = torch.zeros(len(rows), L, L, dtype=torch.bool)
-    tree_of = {}
-    for tr in trees:
-        for i in range(tr.start, tr.start + tr.length):
-            tree_of[i] = tr.start
-    for s in segments.segments:  # the same visibility, tree by tree, in row coordinates
-        t0 = tree_of[s.start]
-        r, off = where[t0]
-        cols = torch.cat([torch.arange(a, b) for a, b in s.keys]) - t0 + off
-        n = s.end - s.start
-        block = s.mask if s.mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[r, s.start - t0 + off : s.end - t0 + off, cols] = block
-    allowed |= torch.eye(L, dtype=torch.bool)  # padding sees itself
+        size = ctx + sum(e - 1 for e in ends)
+        end, t = [size] * ctx, ctx
+        for e in ends:
+            end += [t + e - 1] * (e - 1)
+            t += e - 1
+        trees.append(end)
+    row_end, t = [], 0
+    for end in trees:
+        row_end += [t + e for e in end]
+        t += len(end)
+    segments = trie_attention(row_end, 256, "cpu")
+    rows: list[list[int]] = [[]]
+    for end in trees:
+        if rows[-1] and len(rows[-1]) + len(end) > 128:
+            rows.append([])
+        rows[-1] += [len(rows[-1]) + e for e in end]
+    L = max(map(len, rows))
+    ends = torch.tensor([r + list(range(len(r) + 1, L + 1)) for r in rows])  # padding: itself
+    j = torch.arange(L)
+    allowed = (j[None, None, :] <= j[None, :, None]) & (j[None, :, None] < ends[:, None, :])
     mask = torch.zeros(len(rows), 1, L, L).masked_fill_(~allowed.unsqueeze(1), torch.finfo().min)
     return t, segments, mask
 

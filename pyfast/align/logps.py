@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
 from pyfast.ops import linear_token_logprobs
-from pyfast.ops.segments import decoder_hidden, prepare_segments, tree_attention
+from pyfast.ops.segments import decoder_hidden, prepare_segments, trie_attention
 from pyfast.ops.token_logprobs import _check_plain_head
 from pyfast.train.recipe import causal_lm_hidden
 
@@ -115,7 +115,7 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     attention per tree part (:class:`pyfast.ops.segments.SegmentedAttention`): the prompt
     causally over itself, each answer over the prompt and causally over itself."""
     pmask, amask = batch["prompt_mask"].bool(), batch["answer_mask"].bool()
-    ids, pos, parts, where, targets, owner = [], [], [], [], [], []
+    ids, pos, end, where, targets, owner = [], [], [], [], [], []
     t = 0
     for i in range(pmask.shape[0]):
         prompt = batch["prompt_ids"][i][pmask[i]]
@@ -123,7 +123,6 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         ids.append(prompt)
         pos.append(torch.arange(n))
         p0, t = t, t + n
-        parts.append((p0, n, t, t))  # the prompt: the tree's shared part
         for j in (2 * i, 2 * i + 1):
             answer = batch["answer_ids"][j][amask[j]]
             m = answer.numel()
@@ -135,10 +134,11 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
             owner += [j] * m
             ids.append(answer[:-1])
             pos.append(torch.arange(n, n + m - 1))
-            parts.append((p0, n, t, t + m - 1))  # a group of the tree: causal over itself
+            end += [t + m - 1] * (m - 1)  # an answer: a chain below the prompt
             t += m - 1
+        end[p0:p0] = [t] * n  # the prompt: the root of this pair's subtree
     dev = batch["prompt_ids"].device
-    attention = tree_attention(parts, torch.full((t,), -1), t, dev)
+    attention = trie_attention(end, 0, dev)
     hidden = decoder_hidden(
         model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), attention,
         "call pair_logps(..., trees=False)",

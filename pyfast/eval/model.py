@@ -7,19 +7,20 @@ truncation) but computes faster:
 
 - requests whose model inputs share the same context tokens form a *group*; its context tokens
   run once for all its continuations;
-- groups whose contexts start with the same tokens (a common few-shot prefix, e.g. MMLU's
-  description and five examples) form a *prefix tree*: the shared tokens once, then each group's
-  remaining context, then each continuation; position ids restart where they would in the
-  unpacked sequence and every token sees exactly its ancestors in its own tree, so each hidden
-  state equals the one of the plain causal pass (tree attention). On transformers' "sdpa"
-  attention the trees of a batch are laid end to end in one unpadded row of up to ``batch_size``
-  x ``row_tokens`` tokens and attention runs per tree part
-  (:func:`pyfast.ops.segments.tree_attention`); on eager attention trees are packed into rows
-  of about ``row_tokens`` tokens, padded to the longest of ``batch_size`` rows, under a dense
-  4-D mask. Models whose attention takes no custom mask
+- the inputs of a batch's requests (context, then each continuation but its last token) form
+  a *token trie*: every distinct token sequence prefix is one position, whatever number of
+  requests share it (a few-shot prefix, MMLU's "The following are multiple choice questions
+  ... about", a question's context, the first words two choices have in common). Positions are
+  laid out depth first, position ids are each token's depth, and every token sees exactly its
+  ancestors, so each hidden state equals the one of the plain causal pass. On transformers'
+  "sdpa" attention a batch is one unpadded row of up to ``batch_size`` x ``row_tokens`` tokens
+  and attention runs per subtree (:func:`pyfast.ops.segments.trie_attention`); on eager
+  attention tries are packed into rows of about ``row_tokens`` tokens, padded to the longest
+  of ``batch_size`` rows, under a dense 4-D mask. Models whose attention takes no custom mask
   (flash-attention kernels, sliding windows, ALiBi) run each batch of contexts once and expand
   their KV cache over the continuations instead;
-- only hidden states at continuation positions reach the lm_head (:func:`target_logprobs`).
+- only hidden states at scored positions reach the lm_head, each once however many targets
+  it has (:func:`pyfast.eval.scoring.shared_target_logprobs`).
   Results do not depend on the batch size (up to float rounding of differently shaped matmuls).
 """
 
@@ -36,13 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
-from pyfast.eval.scoring import target_logprobs
+from pyfast.eval.scoring import shared_target_logprobs, target_logprobs
 from pyfast.ops.segments import (
     SegmentsNotTaken,
     decoder_hidden,
     packing_unsupported,
     prepare_segments,
-    tree_attention,
+    trie_attention,
 )
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
@@ -92,56 +93,99 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-@dataclass
-class _Tree:
-    """Groups sharing their first ``shared`` tokens, laid out as a prefix tree: those tokens
-    once, then per group its remaining context and each continuation but its last token."""
-
-    groups: list[_Group]
-    shared: int
-
-    @property
-    def length(self) -> int:
-        return self.shared + sum(
-            len(g.prefix) - self.shared + sum(len(c) - 1 for c in g.conts) for g in self.groups
-        )
+def _new_tokens(g: _Group, before: list[int] | None) -> tuple[int, int]:
+    """(tokens `g` adds to a trie whose last group's context is `before`, shared context)."""
+    shared = _common_prefix(before, g.prefix) if before is not None else 0
+    own = {tuple(c[:k]) for c in g.conts for k in range(1, len(c))}
+    return len(g.prefix) - shared + len(own), shared
 
 
-def _trees(groups: list[_Group], budget: int, min_shared: int) -> list[_Tree]:
-    """Neighbours in token order join one tree while they share at least `min_shared` leading
-    tokens and the tree stays within `budget` tokens, or twice the shared part when that is
-    longer (a long few-shot prefix is worth a longer row: its tokens run once for the whole
-    tree, while the masked attention costs grow with the square of the row length)."""
-    trees: list[_Tree] = []
+def _packs(groups: list[_Group], budget: int) -> list[list[_Group]]:
+    """Groups in context order, cut into packs whose token tries stay within `budget` tokens,
+    or twice the context shared with the pack when that is longer (a long few-shot prefix is
+    worth a longer pass: it runs once for all the pack's groups). A group larger than the
+    budget is a pack of its own."""
+    packs: list[list[_Group]] = []
+    size = 0
     for g in sorted(groups, key=lambda g: g.prefix):
-        if trees:
-            tree = trees[-1]
-            shared = _common_prefix(tree.groups[0].prefix[: tree.shared], g.prefix)
-            if shared >= min_shared:
-                cand = _Tree([*tree.groups, g], shared)
-                if cand.length <= max(budget, 2 * shared):
-                    trees[-1] = cand
-                    continue
-        trees.append(_Tree([g], len(g.prefix)))
-    return trees
-
-
-def _rows(trees: list[_Tree], budget: int, window: int = 16) -> list[list[_Tree]]:
-    """Packs trees into rows of at most `budget` tokens (a longer tree fills a row alone),
-    first fit decreasing over the last `window` open rows; rows returned longest first."""
-    rows: list[list[_Tree]] = []
-    room: list[int] = []
-    for tree in sorted(trees, key=lambda t: -t.length):
-        n = tree.length
-        for k in range(max(0, len(rows) - window), len(rows)):
-            if room[k] >= n:
-                rows[k].append(tree)
-                room[k] -= n
-                break
+        new, shared = _new_tokens(g, packs[-1][-1].prefix if packs else None)
+        if packs and size + new <= max(budget, 2 * shared):
+            packs[-1].append(g)
+            size += new
         else:
-            rows.append([tree])
-            room.append(max(budget - n, 0))
-    return sorted(rows, key=lambda r: -sum(t.length for t in r))
+            packs.append([g])
+            size = _new_tokens(g, None)[0]
+    return packs
+
+
+@dataclass
+class _Layout:
+    """A pack of groups as one token trie in depth-first order: every distinct input sequence
+    prefix (context, then each continuation but its last token) is one position.
+
+    ids, pos (the token's depth: its position id in the plain pass) and end (where the
+    position's subtree ends) per position; per scored (position, target token) pair its
+    position ``at`` and ``target``; per request its pairs ``pairs[r]`` and index ``index[r]``."""
+
+    ids: list[int]
+    pos: list[int]
+    end: list[int]
+    at: list[int]
+    target: list[int]
+    pairs: list[list[int]]
+    index: list[int]
+
+
+def _layout(groups: list[_Group]) -> _Layout:
+    root: dict = {}  # token -> [children, layout position]
+    paths = []  # per request: the trie nodes predicting its continuation's tokens
+    for g in groups:
+        node = None
+        level = root
+        for tok in g.prefix:
+            node = level.setdefault(tok, [{}, -1])
+            level = node[0]
+        ctx_node, ctx_level = node, level
+        for i, c in zip(g.index, g.conts, strict=True):
+            node, level, path = ctx_node, ctx_level, [ctx_node]
+            for tok in c[:-1]:
+                node = level.setdefault(tok, [{}, -1])
+                level = node[0]
+                path.append(node)
+            paths.append((i, path, c))
+    ids: list[int] = []
+    pos: list[int] = []
+    end: list[int] = []
+    stack = [(tok, node, 0) for tok, node in reversed(root.items())]
+    closing: list[tuple[int, int]] = []  # (layout position, depth) of open subtrees
+    while stack:
+        tok, node, depth = stack.pop()
+        while closing and closing[-1][1] >= depth:
+            end[closing.pop()[0]] = len(ids)
+        node[1] = len(ids)
+        closing.append((len(ids), depth))
+        ids.append(tok)
+        pos.append(depth)
+        end.append(-1)
+        stack.extend((t, n, depth + 1) for t, n in reversed(node[0].items()))
+    for t, _ in closing:
+        end[t] = len(ids)
+    pair_of: dict[tuple[int, int], int] = {}
+    at: list[int] = []
+    target: list[int] = []
+    pairs, index = [], []
+    for i, path, c in paths:
+        mine = []
+        for node, tok in zip(path, c, strict=True):
+            key = (node[1], tok)
+            if key not in pair_of:
+                pair_of[key] = len(at)
+                at.append(node[1])
+                target.append(tok)
+            mine.append(pair_of[key])
+        pairs.append(mine)
+        index.append(i)
+    return _Layout(ids, pos, end, at, target, pairs, index)
 
 
 class HFLM(LM):
@@ -153,17 +197,19 @@ class HFLM(LM):
         batch_size: rows per forward pass (packed rows of up to `row_tokens` tokens; contexts
             without packing), or 'auto' (largest that fits, probed on CUDA; 32 on CPU).
         max_length: context window; default from the config like lm-eval.
-        packing: score packed prefix trees (None: wherever the model's attention takes a
+        packing: score packed token tries (None: wherever the model's attention takes a
             custom 4-D mask); False: context pass + KV cache expanded over the continuations.
-        segments: pack each batch into one unpadded row of trees and run attention per tree
-            part (:class:`pyfast.ops.segments.SegmentedAttention`); None: wherever packing is on
-            and the model runs transformers' "sdpa" attention. False: rows of `row_tokens`
-            padded to the longest in the batch, under one dense 4-D mask.
+        segments: pack each batch into one unpadded row and run attention per subtree
+            (:func:`pyfast.ops.segments.trie_attention`); None: wherever packing is on and the
+            model runs transformers' "sdpa" attention. False: rows of `row_tokens` padded to
+            the longest in the batch, under one dense 4-D mask.
         row_tokens: tokens per packed row (a longer group gets a row of its own); default 128
             on CPU, where the masked attention over a row costs in proportion to its length
             (measured: 128-token rows 10-15% faster than 512 on ARC and HellaSwag), 512 elsewhere.
             With segments, a forward pass takes up to `batch_size` x `row_tokens` tokens.
-        min_shared: fewest leading tokens groups must share to be scored as one prefix tree.
+        subtree_tokens: with segments, a subtree of at most this many tokens attends in one
+            call under its mask; larger ones are cut at their branches (see
+            :func:`pyfast.ops.segments.trie_attention`).
         fuse_blocks: when loading `model` by name, run its RMSNorm and SwiGLU-MLP modules through
             pyfast's fused ops (see :func:`pyfast.models.load_model`); an in-memory model is used
             as given.
@@ -180,7 +226,7 @@ class HFLM(LM):
         packing: bool | None = None,
         segments: bool | None = None,
         row_tokens: int | None = None,
-        min_shared: int = 16,
+        subtree_tokens: int = 256,
         fuse_blocks: bool = True,
     ):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -221,7 +267,7 @@ class HFLM(LM):
             raise ValueError(f"HFLM: segments need 'sdpa' attention, the model runs {impl!r}")
         self.segmented = self.packed and segments is not False and prepare_segments(model) is None
         self.row_tokens = row_tokens or (128 if self.device.type == "cpu" else 512)
-        self.min_shared = max(1, min_shared)
+        self.subtree_tokens = subtree_tokens
         if batch_size == "auto":
             batch_size = self._auto_batch_size()
         if int(batch_size) < 1:
@@ -363,75 +409,44 @@ class HFLM(LM):
 
     @torch.inference_mode()
     def _score_packed(
-        self, batch: list[list[_Tree]], segmented: bool = False
+        self, batch: list[list[_Group]], segmented: bool = False
     ) -> list[tuple[int, float, bool]]:
-        """Scores rows of packed trees in one forward pass; (request, logprob, is_greedy).
+        """Scores packs of groups, one token trie per row (:func:`_layout`), in one forward pass;
+        returns (request, logprob, is_greedy) per request.
 
-        Rows are right-padded to the longest and attend under one dense 4-D mask; with
-        `segmented` the batch is a single unpadded row whose attention runs per tree part
-        (:class:`pyfast.ops.segments.SegmentedAttention`): the shared prefix causally over
-        itself, then each group's own tokens over the prefix and themselves."""
+        Rows are right-padded to the longest and attend under one dense 4-D mask (position i
+        sees j when j <= i < end[j]); with `segmented` the batch is a single unpadded row whose
+        attention runs per subtree (:func:`pyfast.ops.segments.trie_attention`)."""
         dev = self.device
-        L = max(sum(t.length for t in row) for row in batch)
+        layouts = [_layout(pack) for pack in batch]
+        L = max(len(lay.ids) for lay in layouts)
         ids = torch.zeros((len(batch), L), dtype=torch.long)
         pos = torch.zeros((len(batch), L), dtype=torch.long)
-        # Coordinates of every token: tree in the row (-1: padding), group in the tree (-1: the
-        # shared part) and continuation in the group (-1: context).
-        tree_of = torch.full((len(batch), L), -1, dtype=torch.long)
-        grp = torch.full((len(batch), L), -1, dtype=torch.long)
-        cont = torch.full((len(batch), L), -1, dtype=torch.long)
-        where_b, where_t, targets, owner, index = [], [], [], [], []
-
-        def put(b, t, tokens, start, tree, group=-1, choice=-1):
-            n = len(tokens)
-            ids[b, t : t + n] = torch.tensor(tokens, dtype=torch.long)
-            pos[b, t : t + n] = torch.arange(start, start + n)
-            tree_of[b, t : t + n], grp[b, t : t + n], cont[b, t : t + n] = tree, group, choice
-            return t + n
-
-        parts = []  # (shared start, shared length, group start, group end): segmented only
-        for b, row in enumerate(batch):
-            t = 0
-            for ti, tree in enumerate(row):
-                S = tree.shared
-                t0, t = t, put(b, t, tree.groups[0].prefix[:S], 0, ti)
-                for gi, g in enumerate(tree.groups):
-                    g0, t = t, put(b, t, g.prefix[S:], S, ti, gi)
-                    last_ctx = t - 1  # predicts the first token of every continuation
-                    for ci, c in enumerate(g.conts):
-                        where_b += [b] * len(c)
-                        where_t += [last_ctx, *range(t, t + len(c) - 1)]
-                        targets += c
-                        owner += [len(index)] * len(c)
-                        index.append(g.index[ci])
-                        t = put(b, t, c[:-1], len(g.prefix), ti, gi, ci)
-                    parts.append((t0, S, g0, t))
+        end = torch.arange(1, L + 1).repeat(len(batch), 1)  # padding: a subtree of its own
+        for b, lay in enumerate(layouts):
+            n = len(lay.ids)
+            ids[b, :n], pos[b, :n], end[b, :n] = map(torch.tensor, (lay.ids, lay.pos, lay.end))
         self.stats["forward_passes"] += 1
         if segmented:
             try:
                 hidden = decoder_hidden(
                     self.model, ids[0].to(dev), pos[0].to(dev),
-                    tree_attention(parts, cont[0], L, dev),
+                    trie_attention(end[0], self.subtree_tokens, dev),
                     "scoring on padded rows with a dense mask instead",
                 ).unsqueeze(0)  # (1, L, H)  # fmt: skip
             except SegmentsNotTaken as exc:
-                # score these trees on padded rows under a dense mask, and every later batch
+                # score this pack on padded rows under a dense mask, and every later batch
                 name = type(self.model).__name__
                 warnings.warn(f"HFLM: {name} did not run segmented attention in every layer: {exc}",
                               stacklevel=2)  # fmt: skip
                 self.segmented = False
-                rows, bs = _rows(batch[0], self.row_tokens), self.batch_size
-                batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
-                return [x for rb in batches for x in self._score_packed(rb)]
+                rows, bs = _packs(batch[0], self.row_tokens), self.batch_size
+                return [
+                    x for i in range(0, len(rows), bs) for x in self._score_packed(rows[i : i + bs])
+                ]
         else:
-            # Query i sees key j <= i of its own tree that is shared, or of its group and either
-            # context or its own continuation; padding sees only itself (no all-masked rows).
-            tq, tk = tree_of.unsqueeze(2), tree_of.unsqueeze(1)
-            gq, gk = grp.unsqueeze(2), grp.unsqueeze(1)
-            cq, ck = cont.unsqueeze(2), cont.unsqueeze(1)
-            seen = (tq == tk) & (tq >= 0) & ((gk == -1) | ((gk == gq) & ((ck == -1) | (ck == cq))))
-            seen &= torch.ones(L, L, dtype=torch.bool).tril()
-            seen |= torch.eye(L, dtype=torch.bool) & (tq < 0)
+            j = torch.arange(L)
+            seen = (j[None, None, :] <= j[None, :, None]) & (j[None, :, None] < end[:, None, :])
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
             hidden = self.body(
@@ -440,15 +455,26 @@ class HFLM(LM):
                 position_ids=pos.to(dev),
                 use_cache=False,
             ).last_hidden_state  # (B, L, H)
-        h = hidden[torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)]
-        lp, greedy = target_logprobs(
-            h, self.head.weight, torch.tensor(targets, device=dev), self.head.bias
-        )
-        owner_t = torch.tensor(owner, device=dev)
+        # Scored positions of all rows, then each (position, target) pair once.
+        at = torch.cat([torch.tensor(lay.at) + b * L for b, lay in enumerate(layouts)])
+        targets = torch.cat([torch.tensor(lay.target) for lay in layouts])
+        rows, where = torch.unique(at, return_inverse=True)
+        lp, greedy = shared_target_logprobs(
+            hidden.reshape(-1, hidden.shape[-1])[rows.to(dev)], self.head.weight, where.to(dev),
+            targets.to(dev), self.head.bias,
+        )  # fmt: skip
+        flat, owner, index, offset = [], [], [], 0
+        for lay in layouts:
+            for i, mine in zip(lay.index, lay.pairs, strict=True):
+                flat += [offset + k for k in mine]
+                owner += [len(index)] * len(mine)
+                index.append(i)
+            offset += len(lay.at)
+        flat_t, owner_t = torch.tensor(flat, device=dev), torch.tensor(owner, device=dev)
         total = torch.zeros(len(index), dtype=torch.float64, device=dev)
-        total.index_add_(0, owner_t, lp.double())
+        total.index_add_(0, owner_t, lp.double()[flat_t])
         n_miss = torch.zeros(len(index), dtype=torch.long, device=dev)
-        n_miss.index_add_(0, owner_t, (~greedy).long())
+        n_miss.index_add_(0, owner_t, (~greedy).long()[flat_t])
         return [(index[j], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(index))]
 
     def _continuation_pass(self, rows, chunk, plen, P, cache):
@@ -496,17 +522,16 @@ class HFLM(LM):
         try:
             groups = self._groups(requests)
             if self.packed and self.segmented:
-                # One unpadded row of trees per forward pass, up to batch_size * row_tokens
-                # tokens; attention per tree part, so trees may span the whole row.
-                budget = self.batch_size * self.row_tokens
-                trees = _trees(groups, budget, self.min_shared)
-                scored = (self._score_packed([row], self.segmented) for row in _rows(trees, budget))
+                # One unpadded row per forward pass, up to batch_size * row_tokens tokens.
+                packs = _packs(groups, self.batch_size * self.row_tokens)
+                scored = (self._score_packed([pack], self.segmented) for pack in packs)
             elif self.packed:
-                trees = _trees(groups, self.row_tokens, self.min_shared)
-                rows = _rows(trees, self.row_tokens)
+                rows = sorted(_packs(groups, self.row_tokens), key=lambda p: -sum(
+                    len(g.prefix) + sum(map(len, g.conts)) for g in p))  # fmt: skip
                 bs = self.batch_size
-                batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
-                scored = map(self._score_packed, batches)
+                scored = map(
+                    self._score_packed, [rows[i : i + bs] for i in range(0, len(rows), bs)]
+                )
             else:
                 scored = map(self._score_batch, self._batches(groups))
             for batch_scores in scored:

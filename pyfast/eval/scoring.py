@@ -53,3 +53,57 @@ def target_logprobs(
         logprob[start:end] = F.log_softmax(logits, dim=-1).gather(-1, tgt).squeeze(-1).float()
         is_argmax[start:end] = logits.argmax(dim=-1) == tgt.squeeze(-1)
     return logprob, is_argmax
+
+
+def shared_target_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    rows: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    chunk: int = 512,
+) -> tuple[Tensor, Tensor]:
+    """:func:`target_logprobs` of P (row, target) pairs over N hidden rows, where a row may
+    carry several targets (the position before a question's choices predicts the first token
+    of each): its normaliser over the vocabulary is computed once.
+
+    Args:
+        hidden: (N, H) final hidden states; weight, bias: the lm_head.
+        rows: (P,) int64 row of each pair; targets: (P,) int64 token ids. Pairs are distinct.
+
+    Returns:
+        logprob (P,) float32 and is_argmax (P,) bool, as :func:`target_logprobs`. Rows with one
+        target go through it; rows with more get their logits (chunk, V) at a time, one
+        logsumexp (float32; log_softmax in the model dtype otherwise) and one argmax each.
+    """
+    n, p = hidden.shape[0], rows.shape[0]
+    if hidden.dim() != 2 or rows.shape != targets.shape or rows.dim() != 1:
+        raise ValueError(
+            f"shared_target_logprobs: hidden must be (N, H), rows and targets (P,), got "
+            f"{tuple(hidden.shape)}, {tuple(rows.shape)} and {tuple(targets.shape)}"
+        )
+    logprob = torch.empty(p, dtype=torch.float32, device=hidden.device)
+    is_argmax = torch.empty(p, dtype=torch.bool, device=hidden.device)
+    many = torch.bincount(rows, minlength=n) > 1  # (N,)
+    single = ~many[rows]  # (P,)
+    if bool(single.any()):
+        logprob[single], is_argmax[single] = target_logprobs(
+            hidden[rows[single]], weight, targets[single], bias, chunk
+        )
+    multi = many.nonzero().squeeze(1)  # rows with several targets
+    if multi.numel():
+        local = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
+        local[multi] = torch.arange(multi.numel(), device=hidden.device)
+        pair = (~single).nonzero().squeeze(1)  # (Q,) pairs of those rows
+        at = local[rows[pair]]  # (Q,) their rows among `multi`
+        for start in range(0, multi.numel(), chunk):
+            sel = (at >= start) & (at < start + chunk)
+            q, r = pair[sel], at[sel] - start
+            logits = F.linear(hidden[multi[start : start + chunk]], weight, bias)  # (c, V)
+            if logits.dtype == torch.float32:
+                lse = torch.logsumexp(logits, dim=-1)
+                logprob[q] = logits[r, targets[q]] - lse[r]
+            else:
+                logprob[q] = F.log_softmax(logits, dim=-1)[r, targets[q]].float()
+            is_argmax[q] = logits.argmax(dim=-1)[r] == targets[q]
+    return logprob, is_argmax

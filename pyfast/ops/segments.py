@@ -108,28 +108,73 @@ class SegmentedAttention:
         return cls(segments, start, device)
 
 
-def tree_attention(parts, cont: Tensor, length: int, device="cpu") -> SegmentedAttention:
-    """The attention of one unpadded row of prefix trees, from its `parts` (shared start, shared
-    length, group start, group end; a tree's shared part once, whatever number of its groups
-    name it) and the row's continuation index per token (-1: context): each tree's shared tokens
-    attend causally over themselves; each group's own tokens (context, then continuations)
-    attend to all shared tokens and, among their own, to earlier context and earlier tokens of
-    their own continuation."""
-    segments, shared_done = [], set()
-    for t0, S, g0, g1 in parts:
-        if S and t0 not in shared_done:
-            segments.append(Segment(t0, t0 + S, ((t0, t0 + S),)))
-            shared_done.add(t0)
-        if g1 > g0:
-            n, c = g1 - g0, cont[g0:g1]
+def _merge(ranges: tuple[tuple[int, int], ...], a: int, b: int) -> tuple[tuple[int, int], ...]:
+    """`ranges` followed by a:b, joined to the last range where they touch."""
+    if ranges and ranges[-1][1] == a:
+        return (*ranges[:-1], (ranges[-1][0], b))
+    return (*ranges, (a, b))
+
+
+def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
+    """The attention of one unpadded row holding prefix tries in depth-first order.
+
+    `end[t]` is where the subtree of position t ends (exclusive): its descendants are the
+    positions t + 1 .. end[t] - 1, and position i sees position j exactly when
+    ``j <= i < end[j]`` (j is i itself or one of its ancestors). With position ids equal to each
+    token's depth, every hidden state is then that of its root-to-token sequence run alone: a
+    token shared by many sequences (a few-shot prefix, a question's context, the first words
+    its choices have in common) runs once for all of them. A sequence alone is a chain
+    (``end[t]`` is the chain's end for all its tokens).
+
+    Segments: a subtree of at most `cap` tokens is one segment (its ancestors' ranges, then its
+    own tokens under the ancestor mask); a larger one is cut after its top chain of single-child
+    tokens, which attends causally over its ancestors and itself, and each child's subtree is
+    handled the same way. `cap` trades calls for masked work: 0 cuts at every branch."""
+    end = [int(e) for e in (end.tolist() if isinstance(end, Tensor) else end)]
+    T = len(end)
+    for t, e in enumerate(end):
+        if not t < e <= T or (t + 1 < e and end[t + 1] > e):
+            raise ValueError(
+                f"trie layout: position {t} has subtree end {e}, which must lie in {t + 1}..{T} "
+                "and contain its descendants' subtrees"
+            )
+    segments: list[Segment] = []
+    work, root = [], 0
+    while root < T:
+        work.append((root, ()))
+        root = end[root]
+    work.reverse()
+    while work:
+        t0, anc = work.pop()
+        e = end[t0]
+        n_anc = sum(b - a for a, b in anc)
+        if e - t0 <= cap or all(x == e for x in end[t0:e]):  # small, or a chain: one segment
+            n = e - t0
+            if not anc and all(x == e for x in end[t0:e]):
+                segments.append(Segment(t0, e, ((t0, e),)))  # a plain causal sequence
+                continue
+            pos = torch.arange(t0, e)
+            own = (pos[None, :] <= pos[:, None]) & (pos[:, None] < torch.tensor(end[t0:e])[None])
+            mask = torch.cat([own.new_ones(n, n_anc), own], 1) if n_anc else own
+            segments.append(Segment(t0, e, _merge(anc, t0, e), mask))
+            continue
+        b = t0 + 1  # the top chain: t0 .. b - 1, down to its first token with two children
+        while end[b] == e:
+            b += 1
+        n = b - t0
+        if anc:
             own = torch.ones(n, n, dtype=torch.bool).tril_()
-            own &= (c.unsqueeze(0) == -1) | (c.unsqueeze(0) == c.unsqueeze(1))
-            if S:
-                segments.append(Segment(g0, g1, ((t0, t0 + S), (g0, g1)),
-                                        torch.cat([own.new_ones(n, S), own], 1)))  # fmt: skip
-            else:
-                segments.append(Segment(g0, g1, ((g0, g1),), own))
-    return SegmentedAttention(segments, length, device)
+            segments.append(
+                Segment(t0, b, _merge(anc, t0, b), torch.cat([own.new_ones(n, n_anc), own], 1))
+            )
+        else:
+            segments.append(Segment(t0, b, ((t0, b),)))
+        below, c = [], b
+        while c < e:
+            below.append((c, _merge(anc, t0, b)))
+            c = end[c]
+        work.extend(reversed(below))
+    return SegmentedAttention(segments, T, device)
 
 
 class SegmentsNotTaken(RuntimeError):

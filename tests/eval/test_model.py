@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pyfast.eval import HFLM
-from pyfast.eval.model import _rows, _trees
-from pyfast.eval.scoring import target_logprobs
+from pyfast.eval.model import _layout, _packs
+from pyfast.eval.scoring import shared_target_logprobs, target_logprobs
 
 from .conftest import naive_loglikelihood
 
@@ -40,12 +40,12 @@ def test_matches_naive_lm_eval_algorithm(lm, tiny_model, tiny_tokenizer):
 
 
 def test_unrelated_requests_share_rows_not_attention(lm):
-    """Short unrelated contexts are separate trees packed side by side into one row (their
+    """Short unrelated contexts are packed side by side into one row as separate tries (their
     values equal the plain pass: test above)."""
-    trees = _trees(lm._groups(REQUESTS), lm.row_tokens, lm.min_shared)
-    rows = _rows(trees, lm.row_tokens)
-    assert len(rows) < len(trees) and max(len(r) for r in rows) > 2
-    assert all(sum(t.length for t in r) <= lm.row_tokens for r in rows if len(r) > 1)
+    groups = lm._groups(REQUESTS)
+    packs = _packs(groups, lm.row_tokens)
+    assert len(packs) < len(groups) and max(len(p) for p in packs) > 2
+    assert all(len(_layout(p).ids) <= lm.row_tokens for p in packs if len(p) > 1)
 
 
 def test_empty_context_uses_prefix_token(lm, tiny_tokenizer, tiny_model):
@@ -114,30 +114,57 @@ FEWSHOT = "The following are questions about plants.\n\n" + "".join(
 )
 
 
-def test_packed_prefix_tree_shares_few_shot_prefix(tiny_model, tiny_tokenizer):
-    """Documents sharing a few-shot prefix are packed into one row as a tree: the prefix once,
-    each question, each choice; every log-likelihood equals the plain causal pass."""
+def test_token_trie_shares_prefixes_and_first_words(tiny_model, tiny_tokenizer):
+    """Documents sharing a few-shot prefix, and choices sharing their first words, are one
+    token trie: every shared token once (and its head row once); every log-likelihood equals
+    the plain causal pass, whatever the pass budget and subtree size."""
     reqs = [
         (FEWSHOT + f"Question: {q}\nAnswer:", choice)
         for q in ("Which gas do plants absorb?", "What do leaves need?", "Why are roots long?")
-        for choice in (" carbon dioxide", " light and water", " A")
+        for choice in (" carbon dioxide", " carbon monoxide gas", " light and water", " A")
     ]
-    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=8)
-    trees = _trees(lm._groups(reqs), lm.row_tokens, lm.min_shared)
-    assert len(trees) == 1 and len(trees[0].groups) == 3
-    assert trees[0].shared >= len(tiny_tokenizer.encode(FEWSHOT)) - 1
-    unpacked = sum(len(lm.encode_pair(c, x)[0]) + len(lm.encode_pair(c, x)[1]) for c, x in reqs)
-    assert trees[0].length < unpacked / 3
-    for (ctx, cont), (lp, greedy) in zip(reqs, lm.loglikelihood(reqs), strict=True):
-        want_lp, want_greedy = naive_loglikelihood(tiny_model, tiny_tokenizer, ctx, cont, 512)
-        assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
-        assert greedy == want_greedy
-    # Without prefix sharing: a tree per document, side by side in one row; the same results.
-    small = HFLM(tiny_model, tiny_tokenizer, batch_size=2, min_shared=10_000, row_tokens=2048)
-    trees = _trees(small._groups(reqs), 2048, 10_000)
-    assert len(trees) == 3 and len(_rows(trees, 2048)) == 1
-    for (a, _), (b, _) in zip(small.loglikelihood(reqs), lm.loglikelihood(reqs), strict=True):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=2)
+    (pack,) = _packs(lm._groups(reqs), 4096)
+    lay = _layout(pack)
+    prefix = lm.encode_pair(reqs[0][0], reqs[0][1])[0]
+    pairs = [lm.encode_pair(c, x) for c, x in reqs]
+    inputs = {tuple(ctx + cont[:k]) for ctx, cont in pairs for k in range(len(cont))}
+    distinct = {s[:n] for s in inputs for n in range(1, len(s) + 1)}
+    assert len(lay.ids) == len(distinct)  # one position per distinct input prefix
+    unpacked = sum(len(c) + len(x) - 1 for c, x in pairs)
+    assert len(lay.ids) < unpacked / 4 and len(pack) == 3
+    assert sum(p == 0 for p in lay.pos) == 1 and len(prefix) > 40  # one root: the shared prefix
+    carbon = [i for i, (_, c) in enumerate(reqs) if "carbon" in c]
+    assert len(carbon) == 6
+    for i, j in zip(carbon[::2], carbon[1::2], strict=True):  # " carbon": one scored pair
+        assert lay.pairs[lay.index.index(i)][0] == lay.pairs[lay.index.index(j)][0]
+    want = [naive_loglikelihood(tiny_model, tiny_tokenizer, c, x, 512) for c, x in reqs]
+    for budget, subtree in ((4096, 0), (4096, 256), (4096, 10_000), (64, 0)):
+        lm = HFLM(tiny_model, tiny_tokenizer, batch_size=1, row_tokens=budget,
+                  subtree_tokens=subtree)  # fmt: skip
+        for (lp, greedy), (want_lp, want_greedy) in zip(lm.loglikelihood(reqs), want, strict=True):
+            assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
+            assert greedy == want_greedy
+
+
+def test_shared_target_logprobs_equal_one_row_per_target():
+    """Rows carrying several targets get one normaliser each; every pair equals
+    target_logprobs on the row repeated per target (float32 and bfloat16)."""
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(9, 16), torch.randn(97, 16), torch.randn(97)
+    rows = torch.tensor([0, 1, 1, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8])
+    targets = torch.randint(0, 97, rows.shape)
+    targets[1:4] = torch.tensor([5, 6, 7])
+    targets[2] = (hidden[1] @ weight.T + bias).argmax()  # a greedy target among several
+    targets[9:11] = torch.tensor([11, 12])
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w, b = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+        lp, arg = shared_target_logprobs(h, w, rows, targets, b, chunk=2)
+        want_lp, want_arg = target_logprobs(h[rows], w, targets, b)
+        torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+        assert torch.equal(arg, want_arg) and bool(arg[2])
+    with pytest.raises(ValueError, match="rows and targets"):
+        shared_target_logprobs(hidden, weight, rows, targets[:-1])
 
 
 def test_packing_falls_back_where_masks_are_not_custom(tiny_model, tiny_tokenizer, monkeypatch):
@@ -155,9 +182,8 @@ def test_segments_one_unpadded_row_per_pass_same_results(tiny_model, tiny_tokeni
         for q in ("Which gas do plants absorb?", "Why are roots long?")
         for choice in (" carbon dioxide", " A")
     ]
-    seg = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64, min_shared=8)
-    rows = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64, min_shared=8,
-                segments=False)  # fmt: skip
+    seg = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64)
+    rows = HFLM(tiny_model, tiny_tokenizer, batch_size=2, row_tokens=64, segments=False)
     assert seg.segmented and not rows.segmented
     got, want = seg.loglikelihood(reqs), rows.loglikelihood(reqs)
     for (a, ga), (b, gb) in zip(got, want, strict=True):

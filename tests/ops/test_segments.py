@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyfast.ops.segments import Segment, SegmentedAttention, packing_unsupported
+from pyfast.ops.segments import (
+    Segment,
+    SegmentedAttention,
+    packing_unsupported,
+    trie_attention,
+)
 from tests.conftest import HAS_CUDA
 
 
@@ -82,6 +87,50 @@ def test_causal_rows_equal_separate_sequences():
         )  # fmt: skip
         torch.testing.assert_close(out[:, sl], want.transpose(1, 2))
         start += n
+
+
+def _forest():
+    """Subtree ends of a row of 27 tokens: a trie whose root chain (0..3) branches into a
+    subtree that branches again (3..15) and a chain (15..18), then a lone sequence (18..22),
+    then a trie with four leaves under one token (22..27)."""
+    end = [15 + 3] * 3 + [15] * 2 + [10] * 2 + [8, 10] + [10] + [15] * 2 + [13] + [15, 15]
+    end += [18] * 3 + [22] * 4 + [27, 24, 25, 26, 27]
+    return end
+
+
+@pytest.mark.parametrize("cap", [0, 3, 6, 100])
+def test_trie_attention_sees_exactly_the_ancestors(cap):
+    """Every position attends to itself and its ancestors (j <= i < end[j]) and nothing else,
+    forward and backward, however the trie is cut into segments."""
+    torch.manual_seed(2)
+    end = _forest()
+    T = len(end)
+    attn = trie_attention(end, cap)
+    q = torch.randn(1, 4, T, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, T, 8, requires_grad=True), torch.randn(1, 2, T, 8, requires_grad=True)
+    out = attn(q, k, v)
+    j = torch.arange(T)
+    allowed = (j[None] <= j[:, None]) & (j[:, None] < torch.tensor(end)[None])
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
+                    torch.autograd.grad(ref, (q, k, v), g), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    sizes = [s.end - s.start for s in attn.segments]
+    if cap == 0:  # cut at every branch: chains only
+        assert max(sizes) <= 4 and len(sizes) == 15
+    if cap == 100:  # one segment per root, the lone sequence plain causal
+        assert sizes == [18, 4, 5] and attn.segments[1].mask is None
+
+
+def test_trie_attention_refuses_a_bad_layout():
+    with pytest.raises(ValueError, match="position 1 has subtree end 5, which must lie in 2..3"):
+        trie_attention([1, 5, 3])
+    with pytest.raises(ValueError, match="contain its descendants"):
+        trie_attention([3, 4, 4, 4])
 
 
 def test_bad_layouts_are_refused():
