@@ -139,10 +139,11 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         end[p0:p0] = [t] * n  # the prompt: the root of this pair's subtree
     dev = batch["prompt_ids"].device
     attention = trie_attention(end, 0, dev)
+    rows, at = torch.unique(torch.tensor(where), return_inverse=True)
     hidden = decoder_hidden(
         model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), attention,
-        "call pair_logps(..., trees=False)",
-    )[torch.tensor(where, device=dev)]  # (M, D)  # fmt: skip
+        "call pair_logps(..., trees=False)", rows.to(dev),
+    )[at.to(dev)]  # (M, D)  # fmt: skip
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if hidden.dtype != weight.dtype:

@@ -427,22 +427,28 @@ class HFLM(LM):
             n = len(lay.ids)
             ids[b, :n], pos[b, :n], end[b, :n] = map(torch.tensor, (lay.ids, lay.pos, lay.end))
         self.stats["forward_passes"] += 1
+        # Scored positions of all rows, then each (position, target) pair once.
+        at = torch.cat([torch.tensor(lay.at) + b * L for b, lay in enumerate(layouts)])
+        targets = torch.cat([torch.tensor(lay.target) for lay in layouts])
+        rows, where = torch.unique(at, return_inverse=True)
         if segmented:
             try:
-                hidden = decoder_hidden(
+                h = decoder_hidden(
                     self.model, ids[0].to(dev), pos[0].to(dev),
                     trie_attention(end[0], self.subtree_tokens, dev),
-                    "scoring on padded rows with a dense mask instead",
-                ).unsqueeze(0)  # (1, L, H)  # fmt: skip
+                    "scoring on padded rows with a dense mask instead", rows.to(dev),
+                )  # (R, H)  # fmt: skip
             except SegmentsNotTaken as exc:
                 # score this pack on padded rows under a dense mask, and every later batch
                 name = type(self.model).__name__
                 warnings.warn(f"HFLM: {name} did not run segmented attention in every layer: {exc}",
                               stacklevel=2)  # fmt: skip
                 self.segmented = False
-                rows, bs = _packs(batch[0], self.row_tokens), self.batch_size
+                packs, bs = _packs(batch[0], self.row_tokens), self.batch_size
                 return [
-                    x for i in range(0, len(rows), bs) for x in self._score_packed(rows[i : i + bs])
+                    x
+                    for i in range(0, len(packs), bs)
+                    for x in self._score_packed(packs[i : i + bs])
                 ]
         else:
             j = torch.arange(L)
@@ -455,14 +461,10 @@ class HFLM(LM):
                 position_ids=pos.to(dev),
                 use_cache=False,
             ).last_hidden_state  # (B, L, H)
-        # Scored positions of all rows, then each (position, target) pair once.
-        at = torch.cat([torch.tensor(lay.at) + b * L for b, lay in enumerate(layouts)])
-        targets = torch.cat([torch.tensor(lay.target) for lay in layouts])
-        rows, where = torch.unique(at, return_inverse=True)
+            h = hidden.reshape(-1, hidden.shape[-1])[rows.to(dev)]
         lp, greedy = shared_target_logprobs(
-            hidden.reshape(-1, hidden.shape[-1])[rows.to(dev)], self.head.weight, where.to(dev),
-            targets.to(dev), self.head.bias,
-        )  # fmt: skip
+            h, self.head.weight, where.to(dev), targets.to(dev), self.head.bias
+        )
         flat, owner, index, offset = [], [], [], 0
         for lay in layouts:
             for i, mine in zip(lay.index, lay.pairs, strict=True):

@@ -181,19 +181,45 @@ class SegmentsNotTaken(RuntimeError):
     """Not every attention layer ran the segments: the row attended across its sequences."""
 
 
-def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, remedy: str):
+def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, remedy: str,
+                   rows: Tensor | None = None):  # fmt: skip
     """The last hidden states (T, D) of `model`'s decoder body over one packed row (`input_ids`
     and `position_ids` of shape (T,)) under `attention` (a :class:`SegmentedAttention`).
+
+    rows: (R,) distinct positions whose hidden states are wanted (e.g. those that predict a
+    scored token); then (R, D) is returned and the last layer's MLP runs at those positions
+    only: elsewhere its output would reach no later layer (unless gradient checkpointing
+    recomputes the layer in backward: then it runs everywhere).
 
     Raises :class:`SegmentsNotTaken`, naming `remedy`, when not every attention layer ran the
     segments (a model that drops the keyword, or asks for more than plain attention): the row
     would have attended across its sequences."""
-    out = model.get_decoder()(
-        input_ids=input_ids[None],
-        position_ids=position_ids[None],
-        use_cache=False,
-        pyfast_segments=attention,
-    )
+    body = model.get_decoder()
+    layers = getattr(body, "layers", None)
+    mlp = getattr(layers[-1], "mlp", None) if rows is not None and layers else None
+    if getattr(body, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        mlp = None
+    if mlp is not None:
+        own = mlp.__dict__.get("forward")
+        full = mlp.forward
+
+        def at_rows(x: Tensor) -> Tensor:  # (1, T, D): the MLP at `rows`, zeros elsewhere
+            return torch.zeros_like(x).index_copy(1, rows, full(x[:, rows]))
+
+        mlp.forward = at_rows
+    try:
+        out = body(
+            input_ids=input_ids[None],
+            position_ids=position_ids[None],
+            use_cache=False,
+            pyfast_segments=attention,
+        )
+    finally:
+        if mlp is not None:
+            if own is None:
+                del mlp.forward
+            else:
+                mlp.forward = own
     cfg = getattr(model.config, "text_config", None) or model.config
     if attention.calls != cfg.num_hidden_layers:
         raise SegmentsNotTaken(
@@ -201,7 +227,8 @@ def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, re
             "the segmented attention (the model drops the keyword or asks for more than plain "
             f"attention); {remedy}"
         )
-    return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+    hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+    return hidden if rows is None else hidden[rows]
 
 
 # Models whose attention bias comes from the mask layout rather than from position ids.

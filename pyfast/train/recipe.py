@@ -74,7 +74,8 @@ def causal_lm_hidden(model: nn.Module, input_ids, attention_mask=None) -> torch.
 def padding_free_hidden(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The batch's rows run as one unpadded row: (hidden (N, D), next-token targets (N,)).
+    """The batch's rows run as one unpadded row: (hidden (N, D), next-token targets (N,)) at
+    the positions with a target (the last layer's MLP runs only there).
 
     Each right-padded row is cut after the input position of its last target (with causal
     attention nothing later can change a loss term) and rows are laid end to end, position ids
@@ -95,14 +96,17 @@ def padding_free_hidden(
     rows = [i for i, n in enumerate(lengths) if n > 0]
     if not rows:
         return None
+    targets = torch.cat([targets[i, : lengths[i]] for i in rows])
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = decoder_hidden(
         model,
         torch.cat([input_ids[i, : lengths[i]] for i in rows]),
         torch.cat([pos[: lengths[i]] for i in rows]),
         SegmentedAttention.causal([lengths[i] for i in rows], input_ids.device),
         "set model.padding_free: false",
+        scored if scored.numel() < targets.numel() else None,
     )
-    return hidden, torch.cat([targets[i, : lengths[i]] for i in rows])
+    return hidden, targets[scored] if scored.numel() < targets.numel() else targets
 
 
 class Recipe:

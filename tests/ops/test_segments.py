@@ -158,3 +158,43 @@ def test_packing_unsupported_names_the_reason(monkeypatch):
     monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
     monkeypatch.setattr(model.config, "sliding_window", 32, raising=False)
     assert packing_unsupported(model) == "sliding-window attention (32)"
+
+
+def test_decoder_hidden_at_rows_runs_the_last_mlp_there_only():
+    """With `rows`, the hidden states there equal the full pass's (forward and backward) and the
+    last layer's MLP saw only those rows; under gradient checkpointing it runs everywhere."""
+    from pyfast.ops.segments import decoder_hidden, prepare_segments
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(64)
+    assert prepare_segments(model) is None
+    ids = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(7), torch.arange(5)])
+    rows = torch.tensor([0, 6, 9])
+    full = decoder_hidden(model, ids, pos, SegmentedAttention.causal([7, 5]), "-")
+    mlp, seen = model.get_decoder().layers[-1].mlp, []
+    forward = mlp.forward
+
+    def spy(x):
+        seen.append(x.shape[1])
+        return forward(x)
+
+    mlp.forward = spy
+    try:
+        got = decoder_hidden(model, ids, pos, SegmentedAttention.causal([7, 5]), "-", rows)
+        assert seen == [3] and mlp.forward is spy  # restored
+        torch.testing.assert_close(got, full[rows])
+        g = torch.randn_like(got)
+        params = [p for p in model.parameters() if p.requires_grad]
+        want = torch.autograd.grad(full[rows], params, g, allow_unused=True)
+        for a, b in zip(torch.autograd.grad(got, params, g, allow_unused=True), want, strict=True):
+            if b is not None:
+                torch.testing.assert_close(a, b)
+        model.gradient_checkpointing_enable()
+        model.train()
+        decoder_hidden(model, ids, pos, SegmentedAttention.causal([7, 5]), "-", rows)
+        assert seen[-1] == 12
+    finally:
+        del mlp.forward
+        model.gradient_checkpointing_disable()
+        model.eval()
