@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py [--model default] [--batch 4] [--seq 256]
         [--steps 6] [--warmup 1] [--precision float32] [--loss full|completion]
-        [--data packed|padded] [--repeat 2] [--output results/bench_train]
+        [--data packed|padded] [--trim-heap-every N] [--repeat 2] [--output results/bench_train]
 
 Both loops do full fine-tuning of the same model (same initial weights, float32 master weights)
 on the same batches (see `--data` below), at the
@@ -160,6 +160,10 @@ def build_step(provider: str, args):
 
         opt = FusedAdamW(params, lr=LR, weight_decay=WD, max_grad_norm=CLIP)
         opt.allocate_state()  # as pyfast.train.Recipe does
+        if args.trim_heap_every:  # as pyfast.train.Recipe does for trim_heap_every
+            from pyfast.heap import HeapTrimmer
+
+            HeapTrimmer(model, args.trim_heap_every)
         head = model.get_output_embeddings()
 
         def step(ids, labels, mask):
@@ -210,6 +214,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2,
                    help="rounds of one process per loop, alternating")  # fmt: skip
     p.add_argument("--output", default="results/bench_train")
+    p.add_argument("--trim-heap-every", type=int, default=0,
+                   help="pyfast's loop: trim_heap_every (0: off)")  # fmt: skip
     p.add_argument("--provider", choices=["plain", "pyfast"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.provider:  # child process: JSON on the last stdout line

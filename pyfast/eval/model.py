@@ -104,17 +104,45 @@ def _packs(groups: list[_Group], budget: int) -> list[list[_Group]]:
     """Groups in context order, cut into packs whose token tries stay within `budget` tokens,
     or twice the context shared with the pack when that is longer (a long few-shot prefix is
     worth a longer pass: it runs once for all the pack's groups). A group larger than the
-    budget is a pack of its own."""
+    budget is a pack of its own.
+
+    Where a pack is full, the cut goes at its weakest link rather than just before the group
+    that does not fit: the groups after the pack's last boundary sharing fewer tokens than that
+    group shares with its predecessor (e.g. where one MMLU subject's five examples give way to
+    the next's) move on with it, so that a long shared prefix is not split across two packs
+    and run twice."""
     packs: list[list[_Group]] = []
+    links: list[list[int]] = []  # per pack, the context its i-th group shares with the previous
     size = 0
+
+    def tokens(pack: list[_Group], shared: list[int]) -> int:
+        return sum(_new_tokens(g, None)[0] - (s if i else 0)
+                   for i, (g, s) in enumerate(zip(pack, shared, strict=True)))  # fmt: skip
+
     for g in sorted(groups, key=lambda g: g.prefix):
         new, shared = _new_tokens(g, packs[-1][-1].prefix if packs else None)
         if packs and size + new <= max(budget, 2 * shared):
             packs[-1].append(g)
+            links[-1].append(shared)
             size += new
+            continue
+        moved: list[_Group] = []
+        if packs and len(packs[-1]) > 1:
+            k = min(range(1, len(packs[-1])), key=lambda i: (links[-1][i], -i))
+            if links[-1][k] < shared:
+                tail = [*packs[-1][k:], g]
+                tail_links = [0, *links[-1][k + 1 :], shared]
+                if tokens(tail, tail_links) <= max(budget, 2 * min(tail_links[1:])):
+                    moved = packs[-1][k:]
+                    moved_links = tail_links[:-1]
+                    del packs[-1][k:], links[-1][k:]
+        if moved:
+            packs.append([*moved, g])
+            links.append([*moved_links, shared])
         else:
             packs.append([g])
-            size = _new_tokens(g, None)[0]
+            links.append([0])
+        size = tokens(packs[-1], links[-1])
     return packs
 
 

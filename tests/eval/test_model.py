@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyfast.eval import HFLM
-from pyfast.eval.model import _layout, _packs
+from pyfast.eval.model import _Group, _layout, _packs
 from pyfast.eval.scoring import shared_target_logprobs, target_logprobs
 
 from .conftest import naive_loglikelihood
@@ -145,6 +145,19 @@ def test_token_trie_shares_prefixes_and_first_words(tiny_model, tiny_tokenizer):
         for (lp, greedy), (want_lp, want_greedy) in zip(lm.loglikelihood(reqs), want, strict=True):
             assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
             assert greedy == want_greedy
+
+
+def test_packs_cut_at_the_weakest_link():
+    """A full pass is cut where its groups share least (between two 'subjects'), not inside the
+    next subject's run of groups, whose long shared prefix then runs once."""
+    root = [1, 2, 3]
+    prefixes = [root + [10] * 40 + [20 + i] for i in range(3)]
+    prefixes += [root + [11] * 40 + [30 + i] for i in range(3)]
+    groups = [_Group(p, [[5, 6]], [i]) for i, p in enumerate(prefixes)]
+    packs = _packs(groups, 93)
+    assert [[g.index[0] for g in pack] for pack in packs] == [[0, 1, 2], [3, 4, 5]]
+    assert sum(len(_layout(p).ids) for p in packs) == 2 * (43 + 3 * 2)  # once per subject
+    assert [[g.index[0] for g in pack] for pack in _packs(groups, 200)] == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_shared_target_logprobs_equal_one_row_per_target():
