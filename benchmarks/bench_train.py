@@ -32,7 +32,8 @@ largest relative difference of the per-step losses.
 `--data packed` (default) fills every (batch, seq) row with ARC-Easy text end to end; `--data
 padded` is chat SFT without packing: one HH-RLHF harmless dialogue + chosen answer per row (the
 300 pairs in data/), right-padded to the longest row of its batch (Hugging Face gets the
-attention mask; pyfast the same batch).
+attention mask; pyfast the same batch). `--trim-heap-every N` runs pyfast's loop with the
+`trim_heap_every: N` memory option (:class:`pyfast.heap.HeapTrimmer`), as `pyfast train` does.
 """
 
 from __future__ import annotations
