@@ -132,12 +132,16 @@ def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
     handled the same way. `cap` trades calls for masked work: 0 cuts at every branch."""
     end = [int(e) for e in (end.tolist() if isinstance(end, Tensor) else end)]
     T = len(end)
+    open_ends: list[int] = []  # subtree ends of the current position's ancestors
     for t, e in enumerate(end):
-        if not t < e <= T or (t + 1 < e and end[t + 1] > e):
+        while open_ends and open_ends[-1] <= t:
+            open_ends.pop()
+        if not t < e <= (open_ends[-1] if open_ends else T):
             raise ValueError(
-                f"trie layout: position {t} has subtree end {e}, which must lie in {t + 1}..{T} "
-                "and contain its descendants' subtrees"
+                f"trie layout: position {t} has subtree end {e}, which must lie in {t + 1}.."
+                f"{open_ends[-1] if open_ends else T} (within its ancestors' subtrees)"
             )
+        open_ends.append(e)
     segments: list[Segment] = []
     work, root = [], 0
     while root < T:

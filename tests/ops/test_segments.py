@@ -129,8 +129,10 @@ def test_trie_attention_sees_exactly_the_ancestors(cap):
 def test_trie_attention_refuses_a_bad_layout():
     with pytest.raises(ValueError, match="position 1 has subtree end 5, which must lie in 2..3"):
         trie_attention([1, 5, 3])
-    with pytest.raises(ValueError, match="contain its descendants"):
-        trie_attention([3, 4, 4, 4])
+    with pytest.raises(ValueError, match=r"position 1 has subtree end 4, which must lie in 2..3 "):
+        trie_attention([3, 4, 4, 4])  # a child reaching past its parent's subtree
+    with pytest.raises(ValueError, match="position 2 has subtree end 4, which must lie in 3..3"):
+        trie_attention([3, 2, 4, 4])  # a later child reaching past it
 
 
 def test_bad_layouts_are_refused():
