@@ -112,8 +112,9 @@ def _shared_prompt_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Pa
 def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
     """The shared-prompt batch as one unpadded row of trees: per pair its prompt, then the
     chosen and the rejected answer but their last tokens, position ids continuing the prompt;
-    attention per tree part (:class:`pyfast.ops.segments.SegmentedAttention`): the prompt
-    causally over itself, each answer over the prompt and causally over itself."""
+    attention per tree part (:func:`pyfast.ops.segments.trie_attention`, cut at every branch):
+    the prompt causally over itself, each answer over the prompt and causally over itself. The
+    last layer's MLP runs only at the positions that predict answer tokens."""
     pmask, amask = batch["prompt_mask"].bool(), batch["answer_mask"].bool()
     ids, pos, end, where, targets, owner = [], [], [], [], [], []
     t = 0
