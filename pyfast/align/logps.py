@@ -55,19 +55,23 @@ class PairLogps:
         return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
 
 
+def _head_sums(model: torch.nn.Module, h: Tensor, targets: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Log-probs of `targets` (M,) through the model's head from the hidden states `h` (M, D)
+    that predict them, summed into `n` rows by `rows` (M,)."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    logprobs, _, _ = linear_token_logprobs(h, weight, targets, bias)  # (M,)
+    return torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
+
+
 def _score(model: torch.nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Summed log-probs (N,) and scored-token counts (N,) of `labels` (N, T) given the hidden
     states (N, T, D) that predict them (IGNORE_INDEX: not scored)."""
     scored = labels != IGNORE_INDEX
     rows = scored.nonzero()[:, 0]  # (M,) row of each scored token
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    h = hidden[scored]  # (M, D)
-    if h.dtype != weight.dtype:
-        h = h.to(weight.dtype)
-    logprobs, _, _ = linear_token_logprobs(h, weight, labels[scored], bias)  # (M,)
-    n = hidden.shape[0]
-    sums = torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
+    sums = _head_sums(model, hidden[scored], labels[scored], rows, hidden.shape[0])
     return sums, scored.sum(-1)
 
 
@@ -145,15 +149,8 @@ def _tree_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         model, torch.cat(ids).to(dev), torch.cat(pos).to(dev), attention,
         "call pair_logps(..., trees=False)", rows.to(dev),
     )[at.to(dev)]  # (M, D)  # fmt: skip
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    logprobs, _, _ = linear_token_logprobs(hidden, weight, torch.cat(targets).to(dev), bias)
-    rows = torch.tensor(owner, device=dev)
-    sums = torch.zeros(amask.shape[0], dtype=logprobs.dtype, device=dev).index_add(
-        0, rows, logprobs
-    )
+    owner_t = torch.tensor(owner, device=dev)
+    sums = _head_sums(model, hidden, torch.cat(targets).to(dev), owner_t, amask.shape[0])
     counts = amask.sum(-1)
     return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
 

@@ -126,23 +126,17 @@ def _packs(groups: list[_Group], budget: int) -> list[list[_Group]]:
             links[-1].append(shared)
             size += new
             continue
-        moved: list[_Group] = []
+        pack, pack_links = [g], [0]
         if packs and len(packs[-1]) > 1:
             k = min(range(1, len(packs[-1])), key=lambda i: (links[-1][i], -i))
             if links[-1][k] < shared:
-                tail = [*packs[-1][k:], g]
-                tail_links = [0, *links[-1][k + 1 :], shared]
+                tail, tail_links = [*packs[-1][k:], g], [0, *links[-1][k + 1 :], shared]
                 if tokens(tail, tail_links) <= max(budget, 2 * min(tail_links[1:])):
-                    moved = packs[-1][k:]
-                    moved_links = tail_links[:-1]
+                    pack, pack_links = tail, tail_links
                     del packs[-1][k:], links[-1][k:]
-        if moved:
-            packs.append([*moved, g])
-            links.append([*moved_links, shared])
-        else:
-            packs.append([g])
-            links.append([0])
-        size = tokens(packs[-1], links[-1])
+        packs.append(pack)
+        links.append(pack_links)
+        size = tokens(pack, pack_links)
     return packs
 
 
@@ -214,6 +208,16 @@ def _layout(groups: list[_Group]) -> _Layout:
         pairs.append(mine)
         index.append(i)
     return _Layout(ids, pos, end, at, target, pairs, index)
+
+
+def _per_request(lp: torch.Tensor, greedy: torch.Tensor, owner: torch.Tensor, index: list[int]):
+    """[(request index, summed logprob, all greedy)] from per-token log-probs and greedy flags
+    and each token's owner (its position in `index`)."""
+    total = torch.zeros(len(index), dtype=torch.float64, device=lp.device)
+    total.index_add_(0, owner, lp.double())
+    n_miss = torch.zeros(len(index), dtype=torch.long, device=lp.device)
+    n_miss.index_add_(0, owner, (~greedy).long())
+    return list(zip(index, total.tolist(), (n_miss == 0).tolist(), strict=True))
 
 
 class HFLM(LM):
@@ -428,12 +432,14 @@ class HFLM(LM):
         lp, greedy = target_logprobs(
             torch.cat(hidden), self.head.weight, torch.cat(targets).to(dev), self.head.bias
         )
-        owner = torch.cat(owner).to(dev)
-        total = torch.zeros(len(rows), dtype=torch.float64, device=dev)
-        total.index_add_(0, owner, lp.double())
-        n_miss = torch.zeros(len(rows), dtype=torch.long, device=dev)
-        n_miss.index_add_(0, owner, (~greedy).long())
-        return [(rows[j][2], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(rows))]
+        return _per_request(lp, greedy, torch.cat(owner).to(dev), [i for _, _, i in rows])
+
+    def _padded_batches(self, groups: list[_Group]) -> list[list[list[_Group]]]:
+        """Packs of about `row_tokens` tokens (one padded row each), longest first, in batches
+        of `batch_size` rows."""
+        rows = sorted(_packs(groups, self.row_tokens), key=lambda p: -sum(
+            len(g.prefix) + sum(map(len, g.conts)) for g in p))  # fmt: skip
+        return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     @torch.inference_mode()
     def _score_packed(
@@ -472,11 +478,8 @@ class HFLM(LM):
                 warnings.warn(f"HFLM: {name} did not run segmented attention in every layer: {exc}",
                               stacklevel=2)  # fmt: skip
                 self.segmented = False
-                packs, bs = _packs(batch[0], self.row_tokens), self.batch_size
                 return [
-                    x
-                    for i in range(0, len(packs), bs)
-                    for x in self._score_packed(packs[i : i + bs])
+                    x for rows in self._padded_batches(batch[0]) for x in self._score_packed(rows)
                 ]
         else:
             j = torch.arange(L)
@@ -500,12 +503,8 @@ class HFLM(LM):
                 owner += [len(index)] * len(mine)
                 index.append(i)
             offset += len(lay.at)
-        flat_t, owner_t = torch.tensor(flat, device=dev), torch.tensor(owner, device=dev)
-        total = torch.zeros(len(index), dtype=torch.float64, device=dev)
-        total.index_add_(0, owner_t, lp.double()[flat_t])
-        n_miss = torch.zeros(len(index), dtype=torch.long, device=dev)
-        n_miss.index_add_(0, owner_t, (~greedy).long()[flat_t])
-        return [(index[j], float(total[j]), bool(n_miss[j] == 0)) for j in range(len(index))]
+        flat_t = torch.tensor(flat, device=dev)
+        return _per_request(lp[flat_t], greedy[flat_t], torch.tensor(owner, device=dev), index)
 
     def _continuation_pass(self, rows, chunk, plen, P, cache):
         """Runs continuation tokens but the last of rows[chunk] on the expanded context cache.
@@ -556,12 +555,7 @@ class HFLM(LM):
                 packs = _packs(groups, self.batch_size * self.row_tokens)
                 scored = (self._score_packed([pack], self.segmented) for pack in packs)
             elif self.packed:
-                rows = sorted(_packs(groups, self.row_tokens), key=lambda p: -sum(
-                    len(g.prefix) + sum(map(len, g.conts)) for g in p))  # fmt: skip
-                bs = self.batch_size
-                scored = map(
-                    self._score_packed, [rows[i : i + bs] for i in range(0, len(rows), bs)]
-                )
+                scored = map(self._score_packed, self._padded_batches(groups))
             else:
                 scored = map(self._score_batch, self._batches(groups))
             for batch_scores in scored:

@@ -142,6 +142,18 @@ def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
                 f"{open_ends[-1] if open_ends else T} (within its ancestors' subtrees)"
             )
         open_ends.append(e)
+
+    def segment(a: int, b: int, anc: tuple[tuple[int, int], ...]) -> Segment:
+        """Queries a:b over the ancestors' ranges `anc` (all visible) and their own ancestors
+        within a:b: plain causal where a:b is a chain without ancestors."""
+        if not anc and all(x >= b for x in end[a:b]):
+            return Segment(a, b, ((a, b),))
+        pos = torch.arange(a, b)
+        own = (pos[None, :] <= pos[:, None]) & (pos[:, None] < torch.tensor(end[a:b])[None])
+        n_anc = sum(y - x for x, y in anc)
+        mask = torch.cat([own.new_ones(b - a, n_anc), own], 1) if n_anc else own
+        return Segment(a, b, _merge(anc, a, b), mask)
+
     segments: list[Segment] = []
     work, root = [], 0
     while root < T:
@@ -151,28 +163,13 @@ def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
     while work:
         t0, anc = work.pop()
         e = end[t0]
-        n_anc = sum(b - a for a, b in anc)
         if e - t0 <= cap or all(x == e for x in end[t0:e]):  # small, or a chain: one segment
-            n = e - t0
-            if not anc and all(x == e for x in end[t0:e]):
-                segments.append(Segment(t0, e, ((t0, e),)))  # a plain causal sequence
-                continue
-            pos = torch.arange(t0, e)
-            own = (pos[None, :] <= pos[:, None]) & (pos[:, None] < torch.tensor(end[t0:e])[None])
-            mask = torch.cat([own.new_ones(n, n_anc), own], 1) if n_anc else own
-            segments.append(Segment(t0, e, _merge(anc, t0, e), mask))
+            segments.append(segment(t0, e, anc))
             continue
         b = t0 + 1  # the top chain: t0 .. b - 1, down to its first token with two children
         while end[b] == e:
             b += 1
-        n = b - t0
-        if anc:
-            own = torch.ones(n, n, dtype=torch.bool).tril_()
-            segments.append(
-                Segment(t0, b, _merge(anc, t0, b), torch.cat([own.new_ones(n, n_anc), own], 1))
-            )
-        else:
-            segments.append(Segment(t0, b, ((t0, b),)))
+        segments.append(segment(t0, b, anc))  # causal over its ancestors and itself
         below, c = [], b
         while c < e:
             below.append((c, _merge(anc, t0, b)))

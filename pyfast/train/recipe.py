@@ -98,15 +98,17 @@ def padding_free_hidden(
         return None
     targets = torch.cat([targets[i, : lengths[i]] for i in rows])
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if scored.numel() == targets.numel():
+        scored = None  # a target everywhere: the last layer runs in full anyway
     hidden = decoder_hidden(
         model,
         torch.cat([input_ids[i, : lengths[i]] for i in rows]),
         torch.cat([pos[: lengths[i]] for i in rows]),
         SegmentedAttention.causal([lengths[i] for i in rows], input_ids.device),
         "set model.padding_free: false",
-        scored if scored.numel() < targets.numel() else None,
+        scored,
     )
-    return hidden, targets[scored] if scored.numel() < targets.numel() else targets
+    return hidden, targets if scored is None else targets[scored]
 
 
 class Recipe:
