@@ -299,6 +299,14 @@ class HFLM(LM):
             raise ValueError(f"HFLM: segments need 'sdpa' attention, the model runs {impl!r}")
         self.segmented = self.packed and segments is not False and prepare_segments(model) is None
         self.row_tokens = row_tokens or (128 if self.device.type == "cpu" else 512)
+        if (
+            isinstance(subtree_tokens, bool)
+            or not isinstance(subtree_tokens, int)
+            or subtree_tokens < 0
+        ):
+            raise ValueError(
+                f"HFLM: subtree_tokens must be an integer >= 0, got {subtree_tokens!r}"
+            )
         self.subtree_tokens = subtree_tokens
         if batch_size == "auto":
             batch_size = self._auto_batch_size()

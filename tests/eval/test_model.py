@@ -88,6 +88,9 @@ def test_errors(tiny_model, tiny_tokenizer, lm):
         HFLM(tiny_model)
     with pytest.raises(ValueError, match="batch size"):
         HFLM(tiny_model, tiny_tokenizer, batch_size=0)
+    for bad in (-1, "256", 2.5):
+        with pytest.raises(ValueError, match="subtree_tokens must be an integer >= 0"):
+            HFLM(tiny_model, tiny_tokenizer, subtree_tokens=bad)
     with pytest.raises(ValueError, match="unknown generation kwarg.*'max_tokenz'"):
         lm.generate_until([("Q:", {"until": ["\n"], "max_tokenz": 3})])
     with pytest.raises(ValueError, match="max_gen_toks 600 must be smaller"):
