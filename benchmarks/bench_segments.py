@@ -8,9 +8,11 @@ the q/k/v of one layer, side by side in one process (compare medians within a gr
 - "eval trees": 24 HellaSwag-shaped prefix trees (a 25-60-token context and four endings of
   6-16 tokens). stock: the trees packed into rows of 128 tokens, padded to the longest, under
   the dense (rows, 1, L, L) tree mask with keys repeated per query head (what transformers' sdpa
-  path does with a 4-D mask); pyfast: one unpadded row, one call per tree
-  (:func:`pyfast.ops.segments.trie_attention`, subtrees of up to 256 tokens in one call, as
-  pyfast eval runs them). Forward only, as evaluation runs it.
+  path does with a 4-D mask); pyfast: one unpadded row through
+  :func:`pyfast.ops.segments.trie_attention` as pyfast eval runs it, i.e. the compiled
+  ``torch.ops.pyfast.trie_attention`` kernel (one call, visibility read from the layout);
+  segments: the same row as per-subtree SDPA calls (subtrees of up to 256 tokens in one call:
+  the path autograd and non-CPU devices take). Forward only, as evaluation runs it.
 - "training rows": 4 rows of 256, 241, 230 and 212 tokens (a batch cut after each row's last
   target). stock: the (4, 256) padded batch, causal; pyfast: the 939 real tokens as one row, one
   causal call per row (:meth:`SegmentedAttention.causal`). Forward + backward.
@@ -65,22 +67,23 @@ def _trees(n=24, seed=0):
     return t, segments, mask
 
 
-@pytest.mark.parametrize("provider", ["stock", "pyfast"])
+@pytest.mark.parametrize("provider", ["stock", "segments", "pyfast"])
 def test_eval_trees(benchmark, provider):
     torch.manual_seed(0)
     T, segments, mask = _trees()
     rows, L = mask.shape[0], mask.shape[-1]
     benchmark.group = f"eval trees forward [{T} tokens, {HEADS}/{KV} heads x {DIM}]"
-    if provider == "pyfast":
+    if provider != "stock":
         q, k, v = (
             torch.randn(1, HEADS, T, DIM),
             torch.randn(1, KV, T, DIM),
             torch.randn(1, KV, T, DIM),
         )
+        attn = segments if provider == "pyfast" else segments.segmented
 
         def fn():
             with torch.no_grad():
-                segments(q, k, v)
+                attn(q, k, v)
 
         computed = T
     else:

@@ -107,12 +107,10 @@ void backward_d(const double* dh, const double* g, const double* u, double* dg, 
 
 }  // namespace
 
-at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
-  check_pair("swiglu", "gate", gate_in, "up", up_in);
-  const at::Tensor g = gate_in.contiguous(), u = up_in.contiguous();
-  at::Tensor h = at::empty_like(g);
+// h = silu(g) * u into h (which may be g itself: each element is read before it is written).
+static void forward_into(const at::Tensor& g, const at::Tensor& u, at::Tensor& h) {
   const int64_t n = g.numel();
-  if (n == 0) return h;
+  if (n == 0) return;
   switch (g.scalar_type()) {
     case at::kFloat:
       forward_f(g.data_ptr<float>(), u.data_ptr<float>(), h.data_ptr<float>(), n);
@@ -124,7 +122,23 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
     default:
       forward_d(g.data_ptr<double>(), u.data_ptr<double>(), h.data_ptr<double>(), n);
   }
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_pair("swiglu", "gate", gate_in, "up", up_in);
+  const at::Tensor g = gate_in.contiguous(), u = up_in.contiguous();
+  at::Tensor h = at::empty_like(g);
+  forward_into(g, u, h);
   return h;
+}
+
+// In place over gate (inference: the projection's output is consumed here), which saves the
+// output's allocation and the first-touch page faults of a fresh (tokens, intermediate) buffer.
+at::Tensor& swiglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up_in) {
+  check_pair("swiglu_", "gate", gate, "up", up_in);
+  TORCH_CHECK(gate.is_contiguous(), "swiglu_: gate must be contiguous to be written in place");
+  forward_into(gate, up_in.contiguous(), gate);
+  return gate;
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_in,
@@ -155,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_in
 
 TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
+  m.impl("swiglu_", &swiglu_inplace_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
 }
 

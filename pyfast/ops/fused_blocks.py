@@ -70,6 +70,13 @@ def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     return torch.ops.pyfast.swiglu(gate, up) if _compiled(gate) else reference.swiglu(gate, up)
 
 
+def _swiglu_fwd_(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up written over `gate` (a temporary nothing else reads)."""
+    if _compiled(gate) and gate.is_contiguous():
+        return torch.ops.pyfast.swiglu_(gate, up)
+    return reference.swiglu_(gate, up)
+
+
 def _swiglu_bwd(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     if _compiled(gate):
         return torch.ops.pyfast.swiglu_backward(grad, gate, up)
@@ -189,7 +196,8 @@ def swiglu_mlp(
     tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SwiGLUMLP.apply(*tensors, bool(recompute))
-    return F.linear(_swiglu_fwd(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
+    # Inference: the product overwrites gate(x), a fresh temporary (no second buffer).
+    return F.linear(_swiglu_fwd_(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
                     b_down)  # fmt: skip
 
 
@@ -321,8 +329,9 @@ def _gqa_sdpa_applies(module, query: Tensor, key: Tensor, value: Tensor, mask, k
 def install_sdpa_dispatcher() -> None:
     """Puts a dispatcher in front of transformers' "sdpa" attention function, once per process:
 
-    - a call given ``pyfast_segments=`` (a :class:`pyfast.ops.segments.SegmentedAttention`, for
-      plain attention) runs per segment over the packed row;
+    - a call given ``pyfast_segments=`` (a :class:`pyfast.ops.segments.SegmentedAttention` or
+      :class:`~pyfast.ops.segments.TrieAttention`, for plain attention) runs it over the packed
+      row;
     - modules marked by :func:`fuse_decoder_blocks` take the grouped path where it applies
       (:func:`_gqa_sdpa_applies`);
     - every other call (other models, other devices, other cases) goes to the stock function

@@ -153,6 +153,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def swiglu_(gate: Tensor, up: Tensor) -> Tensor:
+    """swiglu written over `gate` (same rounding: silu in gate's dtype, then the product)."""
+    return torch.nn.functional.silu(gate, inplace=True).mul_(up)
+
+
 def swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """(d/dgate, d/dup) of swiglu: s = sigmoid(gate), dgate = grad * up * s * (1 + gate * (1 - s)),
     dup = grad * silu(gate)."""

@@ -18,6 +18,12 @@ a padded row. :func:`pyfast.ops.fused_blocks.install_sdpa_dispatcher` routes tra
 attention here when the keyword is present and nothing but plain attention is asked for
 (no softcap, position bias, sliding window or sinks); every call is counted in :attr:`calls`,
 so a caller can verify that each attention layer took this path.
+
+A row of prefix tries (:func:`trie_attention`) passes a :class:`TrieAttention` the same way.
+Without autograd on the CPU it runs one compiled call per layer
+(``torch.ops.pyfast.trie_attention``, csrc/cpu/trie_attention.cpp) that reads the visibility
+of every pair from the layout itself, so no mask, key concatenation or per-segment call exists;
+elsewhere it runs as segments.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pyfast._extension import HAS_C
 
 
 @dataclass(frozen=True)
@@ -115,22 +123,8 @@ def _merge(ranges: tuple[tuple[int, int], ...], a: int, b: int) -> tuple[tuple[i
     return (*ranges, (a, b))
 
 
-def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
-    """The attention of one unpadded row holding prefix tries in depth-first order.
-
-    `end[t]` is where the subtree of position t ends (exclusive): its descendants are the
-    positions t + 1 .. end[t] - 1, and position i sees position j exactly when
-    ``j <= i < end[j]`` (j is i itself or one of its ancestors). With position ids equal to each
-    token's depth, every hidden state is then that of its root-to-token sequence run alone: a
-    token shared by many sequences (a few-shot prefix, a question's context, the first words
-    its choices have in common) runs once for all of them. A sequence alone is a chain
-    (``end[t]`` is the chain's end for all its tokens).
-
-    Segments: a subtree of at most `cap` tokens is one segment (its ancestors' ranges, then its
-    own tokens under the ancestor mask); a larger one is cut after its top chain of single-child
-    tokens, which attends causally over its ancestors and itself, and each child's subtree is
-    handled the same way. `cap` trades calls for masked work: 0 cuts at every branch."""
-    end = [int(e) for e in (end.tolist() if isinstance(end, Tensor) else end)]
+def _check_layout(end: list[int]) -> None:
+    """Every subtree end lies after its position and within its ancestors' subtrees."""
     T = len(end)
     open_ends: list[int] = []  # subtree ends of the current position's ancestors
     for t, e in enumerate(end):
@@ -142,6 +136,11 @@ def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
                 f"{open_ends[-1] if open_ends else T} (within its ancestors' subtrees)"
             )
         open_ends.append(e)
+
+
+def _trie_segments(end: list[int], cap: int) -> list[Segment]:
+    """The segments of a checked trie layout (see :func:`trie_attention`)."""
+    T = len(end)
 
     def segment(a: int, b: int, anc: tuple[tuple[int, int], ...]) -> Segment:
         """Queries a:b over the ancestors' ranges `anc` (all visible) and their own ancestors
@@ -175,7 +174,86 @@ def trie_attention(end, cap: int = 0, device="cpu") -> SegmentedAttention:
             below.append((c, _merge(anc, t0, b)))
             c = end[c]
         work.extend(reversed(below))
-    return SegmentedAttention(segments, T, device)
+    return segments
+
+
+class TrieAttention:
+    """The attention of one unpadded row of prefix tries (built by :func:`trie_attention`).
+
+    Called like a :class:`SegmentedAttention`. Where no gradient is needed and the compiled CPU
+    kernel serves the tensors (float32 or bfloat16 on the CPU), one
+    ``torch.ops.pyfast.trie_attention`` call per layer computes exactly the visible pairs
+    (``j <= i < end[j]``) from `end` itself; elsewhere (autograd, CUDA, no extension) the row
+    runs as the :attr:`segments` below, one SDPA call each."""
+
+    def __init__(self, end: list[int], cap: int, device: torch.device | str = "cpu"):
+        self.end = torch.tensor(end, dtype=torch.long)
+        self.cap = cap
+        self.device = torch.device(device)
+        self.length = len(end)
+        self.calls = 0
+        self._segmented: SegmentedAttention | None = None
+
+    @property
+    def segmented(self) -> SegmentedAttention:
+        """The same attention as per-segment SDPA calls (built on first use)."""
+        if self._segmented is None:
+            self._segmented = SegmentedAttention(
+                _trie_segments(self.end.tolist(), self.cap), self.length, self.device
+            )
+        return self._segmented
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.segmented.segments
+
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, scale: float | None = None):
+        if _kernel_applies(query, key, value) and query.shape[2] == self.length:
+            self.calls += 1
+            scale = query.shape[-1] ** -0.5 if scale is None else scale
+            return torch.ops.pyfast.trie_attention(query, key, value, self.end, scale)
+        out = self.segmented(query, key, value, scale)
+        self.calls += 1
+        return out
+
+
+def _kernel_applies(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """The compiled trie kernel serves these tensors: CPU, float32 or bfloat16 alike, one row,
+    and no gradient wanted (it has no backward)."""
+    return (
+        HAS_C
+        and query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.bfloat16)
+        and key.dtype == query.dtype == value.dtype
+        and query.dim() == 4
+        and query.shape[0] == 1
+        and not (
+            torch.is_grad_enabled()
+            and (query.requires_grad or key.requires_grad or value.requires_grad)
+        )
+    )
+
+
+def trie_attention(end, cap: int = 0, device="cpu") -> TrieAttention:
+    """The attention of one unpadded row holding prefix tries in depth-first order.
+
+    `end[t]` is where the subtree of position t ends (exclusive): its descendants are the
+    positions t + 1 .. end[t] - 1, and position i sees position j exactly when
+    ``j <= i < end[j]`` (j is i itself or one of its ancestors). With position ids equal to each
+    token's depth, every hidden state is then that of its root-to-token sequence run alone: a
+    token shared by many sequences (a few-shot prefix, a question's context, the first words
+    its choices have in common) runs once for all of them. A sequence alone is a chain
+    (``end[t]`` is the chain's end for all its tokens).
+
+    On the CPU without autograd, the compiled kernel computes exactly those pairs (see
+    :class:`TrieAttention`). Otherwise the row runs as segments: a subtree of at most `cap`
+    tokens is one segment (its ancestors' ranges, then its own tokens under the ancestor mask);
+    a larger one is cut after its top chain of single-child tokens, which attends causally over
+    its ancestors and itself, and each child's subtree is handled the same way. `cap` trades
+    calls for masked work: 0 cuts at every branch."""
+    end = [int(e) for e in (end.tolist() if isinstance(end, Tensor) else end)]
+    _check_layout(end)
+    return TrieAttention(end, cap, device)
 
 
 class SegmentsNotTaken(RuntimeError):
@@ -185,7 +263,8 @@ class SegmentsNotTaken(RuntimeError):
 def decoder_hidden(model, input_ids: Tensor, position_ids: Tensor, attention, remedy: str,
                    rows: Tensor | None = None):  # fmt: skip
     """The last hidden states (T, D) of `model`'s decoder body over one packed row (`input_ids`
-    and `position_ids` of shape (T,)) under `attention` (a :class:`SegmentedAttention`).
+    and `position_ids` of shape (T,)) under `attention` (a :class:`SegmentedAttention` or
+    :class:`TrieAttention`).
 
     rows: (R,) distinct positions whose hidden states are wanted (e.g. those that predict a
     scored token); then (R, D) is returned and the last layer's MLP runs at those positions

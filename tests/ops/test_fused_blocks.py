@@ -56,6 +56,11 @@ def test_swiglu_matches_reference(shape, dtype):
     dg, du = torch.ops.pyfast.swiglu_backward(d, g, u)
     dg_ref, du_ref = reference.swiglu_backward(d, g, u)
     assert _rel(dg, dg_ref) <= TOL[dtype] * 4 and _rel(du, du_ref) <= TOL[dtype] * 4
+    # in place over gate: the same values (bit for bit), in gate's own storage
+    want, into = torch.ops.pyfast.swiglu(g, u), g.clone()
+    got = torch.ops.pyfast.swiglu_(into, u)
+    assert got.data_ptr() == into.data_ptr() and torch.equal(got, want)
+    assert torch.equal(reference.swiglu_(g.clone(), u), reference.swiglu(g, u))
 
 
 @needs_c
@@ -113,6 +118,8 @@ def test_bad_inputs_name_the_argument():
                                            torch.ones(3))  # fmt: skip
     with pytest.raises(RuntimeError, match=r"swiglu: up must have gate's shape"):
         torch.ops.pyfast.swiglu(torch.randn(2, 8), torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match=r"swiglu_: gate must be contiguous"):
+        torch.ops.pyfast.swiglu_(torch.randn(8, 2).t(), torch.randn(2, 8))
     with pytest.raises(RuntimeError, match=r"swiglu_backward: grad must have gate's shape"):
         torch.ops.pyfast.swiglu_backward(torch.randn(3), torch.randn(2), torch.randn(2))
 

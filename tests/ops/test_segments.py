@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyfast
 from pyfast.ops.segments import (
     Segment,
     SegmentedAttention,
@@ -133,6 +134,108 @@ def test_trie_attention_refuses_a_bad_layout():
         trie_attention([3, 4, 4, 4])  # a child reaching past its parent's subtree
     with pytest.raises(ValueError, match="position 2 has subtree end 4, which must lie in 3..3"):
         trie_attention([3, 2, 4, 4])  # a later child reaching past it
+
+
+needs_c = pytest.mark.skipif(not pyfast.HAS_C, reason="compiled extension not available")
+
+
+def _random_trie(seed: int, size: int, prefix: int) -> list[int]:
+    """Subtree ends of a random depth-first trie row: a root chain of `prefix` tokens whose last
+    token heads `size` - `prefix` tokens of random subtrees (mostly chains, some branching),
+    then a lone 45-token sequence."""
+    rng = torch.Generator().manual_seed(seed)
+    end: list[int] = []
+
+    def subtree(start: int, n: int) -> None:  # positions start .. start + n - 1
+        end.append(start + n)
+        t, left = start + 1, n - 1
+        while left:
+            branch = int(torch.randint(1, 4, (), generator=rng))  # children sizes: few, uneven
+            k = left if branch == 1 else int(torch.randint(1, left + 1, (), generator=rng))
+            subtree(t, k)
+            t, left = t + k, left - k
+
+    end += [size] * (prefix - 1)
+    subtree(prefix - 1, size - prefix + 1)
+    subtree(size, 45)  # a chain longer than one work item (32 positions)
+    return end
+
+
+def _visible(end: list[int]) -> torch.Tensor:
+    j = torch.arange(len(end))
+    return (j[None] <= j[:, None]) & (j[:, None] < torch.tensor(end)[None])
+
+
+@needs_c
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40), (6, 2, 16)])
+def test_trie_kernel_matches_dense_masked_attention(heads, kv_heads, dim):
+    """torch.ops.pyfast.trie_attention equals SDPA under the dense j <= i < end[j] mask: a
+    prefix longer than one key chunk (128), runs longer than one work item (32), branching
+    subtrees, grouped heads, a head dim with a scalar tail, keys/values as the transposed views
+    transformers passes, a non-default scale."""
+    torch.manual_seed(3)
+    end = _random_trie(heads, 330, 170)
+    T = len(end)
+    q = torch.randn(1, heads, T, dim)
+    k = torch.randn(1, T, kv_heads, dim).transpose(1, 2)
+    v = torch.randn(1, T, kv_heads, dim).transpose(1, 2)
+    out = torch.ops.pyfast.trie_attention(q, k, v, torch.tensor(end), 0.3)
+    g = heads // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=_visible(end),
+        scale=0.3,
+    ).transpose(1, 2)  # fmt: skip
+    assert out.shape == (1, T, heads, dim) and out.is_contiguous()
+    torch.testing.assert_close(out, ref)
+
+
+@needs_c
+def test_trie_kernel_bfloat16():
+    torch.manual_seed(4)
+    end = _random_trie(1, 120, 40)
+    T = len(end)
+    q, k, v = (torch.randn(1, h, T, 32).bfloat16() for h in (6, 2, 2))
+    out = torch.ops.pyfast.trie_attention(q, k, v, torch.tensor(end), 32**-0.5)
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1),
+        attn_mask=_visible(end),
+    ).transpose(1, 2)  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16())
+
+
+@needs_c
+def test_trie_attention_runs_the_kernel_without_autograd_and_segments_with_it():
+    """Same outputs either way; without autograd no segment is ever built."""
+    torch.manual_seed(5)
+    end = _forest()
+    T = len(end)
+    q = torch.randn(1, 4, T, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+    fast = trie_attention(end, 6)
+    with torch.no_grad():
+        a = fast(q, k, v)
+    assert fast._segmented is None and fast.calls == 1
+    slow = trie_attention(end, 6)
+    b = slow(q, k, v)
+    assert slow._segmented is not None and slow.calls == 1 and b.requires_grad
+    torch.testing.assert_close(a, b.detach())
+
+
+@needs_c
+def test_trie_kernel_refuses_bad_input():
+    q, kv, end = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.tensor([3, 3, 3])
+    op = torch.ops.pyfast.trie_attention
+    with pytest.raises(RuntimeError, match="position 1 has subtree end 5, which must lie in 2..3"):
+        op(q, kv, kv, torch.tensor([3, 5, 3]), 1.0)
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16, got Double"):
+        op(q.double(), kv.double(), kv.double(), end, 1.0)
+    with pytest.raises(RuntimeError, match="4 query heads are not a multiple of 3"):
+        op(q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8), end, 1.0)
+    with pytest.raises(RuntimeError, match="end must be a CPU int64 tensor of 3 entries"):
+        op(q, kv, kv, torch.tensor([3, 3]), 1.0)
+    with pytest.raises(RuntimeError, match="value must have key's shape"):
+        op(q, kv, torch.randn(1, 2, 3, 4), end, 1.0)
 
 
 def test_bad_layouts_are_refused():
