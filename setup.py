@@ -30,6 +30,7 @@ CPU_SOURCES = [
     "csrc/cpu/linear_token_logprobs.cpp",
     "csrc/cpu/rms_norm.cpp",
     "csrc/cpu/swiglu.cpp",
+    "csrc/cpu/rotary.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/fused_adamw.cu",

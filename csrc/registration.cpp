@@ -75,4 +75,11 @@ TORCH_LIBRARY(pyfast, m) {
   // SwiGLU gate: silu(gate) * up, elementwise (same shape and dtype); backward from gate and up.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+  // Rotary position embedding of Llama-family attention, as transformers' apply_rotary_pos_emb:
+  // x * cos + rotate_half(x) * sin for q (B, H, T, D) and k (B, KV, T, D) (strided views allowed),
+  // cos / sin (B or 1, T, D); contiguous outputs. Backward: g * cos + rotate_half^T(g * sin).
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_embed, Tensor k_embed)");
+  m.def(
+      "rotary_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> "
+      "(Tensor grad_q_in, Tensor grad_k_in)");
 }
