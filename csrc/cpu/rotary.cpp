@@ -16,7 +16,8 @@
 // three roundings; float32: two products and a sum, no fused multiply-add); so does this kernel
 // in float32 lanes, hence the same bits as the eager ops (checked in tests/ops/test_rotary.py).
 // q / k / grads may be strided on the non-last dims (transformers passes transposed views of the
-// projection output); the outputs are contiguous (B, H, T, D). One pass over q and k instead of
+// projection output); the forward outputs are contiguous (B, H, T, D), the backward outputs
+// token-major (see out_like). One pass over q and k instead of
 // transformers' mul, slice, neg, cat, mul, add (and in backward zero-filled slice gradients, cat,
 // adds).
 #include <ATen/Parallel.h>
@@ -27,10 +28,11 @@
 namespace pyfast {
 namespace {
 
-// Element strides of a (B, N, T, D) tensor (last one 1) and of cos/sin (B or 1, T, D).
+// Element strides of a (B, N, T, D) input and output (last one 1) and of cos/sin (B or 1, T, D).
 struct Layout {
   int64_t B, N, T, D;
-  int64_t sb, sn, st;  // x strides
+  int64_t sb, sn, st;  // input strides
+  int64_t ob, on, ot;  // output strides
   int64_t cb, ct;      // cos / sin strides (cb = 0 when broadcast over the batch)
 };
 
@@ -69,10 +71,11 @@ void check_args(const char* op, const char* qn, const at::Tensor& q, const char*
   }
 }
 
-Layout layout_of(const at::Tensor& x, const at::Tensor& cos) {
-  return {x.size(0),   x.size(1),   x.size(2),
-          x.size(3),   x.stride(0), x.stride(1),
-          x.stride(2), cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
+Layout layout_of(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos) {
+  return {x.size(0),     x.size(1),     x.size(2),
+          x.size(3),     x.stride(0),   x.stride(1),
+          x.stride(2),   out.stride(0), out.stride(1),
+          out.stride(2), cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
 }
 
 // A product rounded to T on its own, as the eager mul rounds it before the add: bfloat16 goes
@@ -174,15 +177,15 @@ inline void row(const T* a, const T* c, const T* s, T* out, int64_t h) {
 template <typename T, bool kTranspose>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
          at::Tensor& oq, at::Tensor& ok) {
-  const Layout lq = layout_of(q, cos), lk = layout_of(k, cos);
-  const int64_t nq = lq.B * lq.N * lq.T, nk = lk.B * lk.N * lk.T, D = lq.D, h = D / 2;
+  const Layout lq = layout_of(q, oq, cos), lk = layout_of(k, ok, cos);
+  const int64_t nq = lq.B * lq.N * lq.T, nk = lk.B * lk.N * lk.T, h = lq.D / 2;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   T* oqp = oq.data_ptr<T>();
   T* okp = ok.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1));
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(lq.D, 1));
   at::parallel_for(0, nq + nk, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const bool is_q = r < nq;
@@ -191,9 +194,19 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const 
       const int64_t t = idx % l.T, n = (idx / l.T) % l.N, b = idx / (l.T * l.N);
       const T* src = (is_q ? qp : kp) + b * l.sb + n * l.sn + t * l.st;
       const int64_t cs = b * l.cb + t * l.ct;
-      row<T, kTranspose>(src, cp + cs, sp + cs, (is_q ? oqp : okp) + idx * D, h);
+      T* dst = (is_q ? oqp : okp) + b * l.ob + n * l.on + t * l.ot;
+      row<T, kTranspose>(src, cp + cs, sp + cs, dst, h);
     }
   });
+}
+
+// Forward: contiguous (B, N, T, D), what attention reads best. Backward: (B, N, T, D) laid out as
+// (B, T, N, D) (token-major), the layout of transformers' q and k (transposed views of the
+// projection outputs (B, T, N * D)), so that autograd's transpose and view backward into the
+// projections are free instead of a copy of each gradient.
+at::Tensor out_like(const at::Tensor& x, bool token_major) {
+  if (!token_major) return at::empty(x.sizes(), x.options());
+  return at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).transpose(1, 2);
 }
 
 template <bool kTranspose>
@@ -208,8 +221,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_impl(const char* op, const char* qn, c
     cos = cos.contiguous();
     sin = sin.contiguous();
   }
-  at::Tensor oq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor ok = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor oq = out_like(q, kTranspose), ok = out_like(k, kTranspose);
   if (q.numel() + k.numel() == 0) return {oq, ok};
   switch (q.scalar_type()) {
     case at::kFloat:

@@ -556,7 +556,11 @@ if HAS_C:
 
     @torch.library.register_fake("pyfast::rotary_backward")
     def _rotary_backward_fake(grad_q, grad_k, cos, sin):
-        return grad_q.new_empty(grad_q.shape), grad_k.new_empty(grad_k.shape)
+        def token_major(g):  # (B, N, T, D) with (B, T, N, D) memory order
+            b, n, t, d = g.shape
+            return g.new_empty(b, t, n, d).transpose(1, 2)
+
+        return token_major(grad_q), token_major(grad_k)
 
     def _rotary_setup(ctx, inputs, output):
         q, k, cos, sin = inputs
