@@ -291,3 +291,21 @@ def test_fused_models_match_stock_and_use_the_fused_rotary(family, monkeypatch):
         )
         step = fused(ids[:, -2:], attention_mask=mask, **{cache: prefix.past_key_values})
     assert torch.allclose(step.logits, full[:, -2:], rtol=0, atol=1e-5)
+
+
+def test_fused_attention_under_gradient_checkpointing():
+    """transformers' checkpointing re-runs each decoder layer's forward in backward: the fused
+    rotary recomputes and gives the stock gradients."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(8)
+    stock = AutoModelForCausalLM.from_config(dict(_families())["llama"], attn_implementation="sdpa")
+    fused = copy.deepcopy(stock)
+    fb.fuse_decoder_blocks(fused)
+    ids = torch.randint(0, 64, (2, 9))
+    for m in (stock, fused):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m(ids, labels=ids).loss.backward()
+    for (n, a), (_, b) in zip(fused.named_parameters(), stock.named_parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max() + 1e-7, n
