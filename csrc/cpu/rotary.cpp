@@ -17,11 +17,14 @@
 // in float32 lanes, hence the same bits as the eager ops (checked in tests/ops/test_rotary.py).
 // q / k / grads may be strided on the non-last dims (transformers passes transposed views of the
 // projection output); the forward outputs are contiguous (B, H, T, D), the backward outputs
-// token-major (see out_like). One pass over q and k instead of
-// transformers' mul, slice, neg, cat, mul, add (and in backward zero-filled slice gradients, cat,
-// adds).
+// token-major (see out_like). One pass over q and k instead of transformers' mul, slice, neg,
+// cat, mul, add (and in backward zero-filled slice gradients, cat, adds).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
 
 #include "vec_utils.h"
 
