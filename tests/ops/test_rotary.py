@@ -309,3 +309,17 @@ def test_fused_attention_under_gradient_checkpointing():
         m(ids, labels=ids).loss.backward()
     for (n, a), (_, b) in zip(fused.named_parameters(), stock.named_parameters(), strict=True):
         assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max() + 1e-7, n
+
+
+def test_without_the_kernel_the_twins_serve_the_autograd_function(monkeypatch):
+    """Other devices / no _C: the same autograd function on the reference twins, same bits."""
+    monkeypatch.setattr(fb, "HAS_C", False)
+    q, k, cos, sin = _inputs((2, 6, 2, 5, 40), torch.bfloat16, "projection", 1, seed=9)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ref, out = apply_rotary_pos_emb(q1, k1, cos, sin), fb.rotary(q2, k2, cos, sin)
+    assert out[0].grad_fn.name() == "_RotaryBackward"
+    grads = [torch.randn(t.shape).bfloat16() for t in ref]
+    want = torch.autograd.grad(ref, (q1, k1), grads)
+    got = torch.autograd.grad(out, (q2, k2), grads)
+    assert all(torch.equal(a, b) for a, b in zip((*out, *got), (*ref, *want), strict=True))
