@@ -31,6 +31,7 @@ CPU_SOURCES = [
     "csrc/cpu/rms_norm.cpp",
     "csrc/cpu/swiglu.cpp",
     "csrc/cpu/trie_attention.cpp",
+    "csrc/cpu/rotary.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/fused_adamw.cu",

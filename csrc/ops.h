@@ -55,6 +55,13 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
                                                        const at::Tensor& gate,
                                                        const at::Tensor& up);
+// rotary: (q_embed, k_embed) = x * cos + rotate_half(x) * sin; rotary_backward: its transpose.
+std::tuple<at::Tensor, at::Tensor> rotary_cpu(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& cos, const at::Tensor& sin);
+std::tuple<at::Tensor, at::Tensor> rotary_backward_cpu(const at::Tensor& grad_q,
+                                                       const at::Tensor& grad_k,
+                                                       const at::Tensor& cos,
+                                                       const at::Tensor& sin);
 
 #ifdef PYFAST_WITH_CUDA
 void fused_adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,

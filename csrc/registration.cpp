@@ -81,4 +81,12 @@ TORCH_LIBRARY(pyfast, m) {
   // multiple of KV (grouped-query heads share keys); end int64 (T,). Returns (1, T, H, D).
   m.def(
       "trie_attention(Tensor query, Tensor key, Tensor value, Tensor end, float scale) -> Tensor");
+  // Rotary position embedding of Llama-family attention, as transformers' apply_rotary_pos_emb:
+  // x * cos + rotate_half(x) * sin for q (B, H, T, D) and k (B, KV, T, D) (strided views allowed),
+  // cos / sin (B or 1, T, D); contiguous outputs. Backward: g * cos + rotate_half^T(g * sin), laid
+  // out as (B, T, H, D) (q's layout in transformers: the projections' gradients need no copy).
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_embed, Tensor k_embed)");
+  m.def(
+      "rotary_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> "
+      "(Tensor grad_q_in, Tensor grad_k_in)");
 }

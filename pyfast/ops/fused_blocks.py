@@ -8,13 +8,15 @@
   the product — two (tokens, intermediate) tensors per layer fewer. The matmuls are torch's.
   With ``recompute=True`` it keeps only x and recomputes gate(x) and up(x) in backward (two
   more matmuls for two (tokens, intermediate) tensors fewer: selective recomputation).
+- :func:`rotary`: ``torch.ops.pyfast.rotary`` — transformers' ``apply_rotary_pos_emb`` (``x * cos
+  + rotate_half(x) * sin`` for q and k) in one pass over q and k, forward and backward, same bits.
 - :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
   for the module classes whose forward is exactly Llama's (same math, same rounding order), and
   makes the decoder body keep each norm's output as a recipe for backward (recomputed from the
-  norm's input, which backward keeps anyway) instead of the tensor; its grouped-query attention
-  layers run SDPA on the key/value heads as they are (``enable_gqa``) when a mask is given on the
-  CPU, where transformers copies keys and values once per query head (``repeat_kv``) and autograd
-  keeps the copies.
+  norm's input, which backward keeps anyway) instead of the tensor; its attention layers apply
+  the fused rotary embedding; its grouped-query attention layers run SDPA on the key/value heads
+  as they are (``enable_gqa``) when a mask is given on the CPU, where transformers copies keys
+  and values once per query head (``repeat_kv``) and autograd keeps the copies.
 
 Results equal the stock modules to float32 rounding (the row reduction order differs); they are
 checked against them, forward and backward, in tests/ops/test_fused_blocks.py. The compiled
@@ -25,9 +27,11 @@ pure-PyTorch twins in :mod:`pyfast.ops.reference`, so the memory saving holds on
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import types
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +46,8 @@ Tensor = torch.Tensor
 # by tests/ops/test_fused_blocks.py against the installed transformers).
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-# Attention modules whose forward hands (module, query, key, value, mask, dropout, scaling) to
-# transformers' attention interface as Llama's does (checked by the same tests).
+# Attention modules whose forward is Llama's but for a sliding window handed to the attention
+# function and (Qwen3) q/k norms: see _fused_attention_forward, checked by tests/ops/test_rotary.py.
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 # Decoder bodies (embeddings + layers + final norm) whose forward runs under _LeanNorms.
 BODY_CLASSES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
@@ -83,6 +87,18 @@ def _swiglu_bwd(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]
     return reference.swiglu_backward(grad, gate, up)
 
 
+def _rotary_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if _compiled(q):
+        return torch.ops.pyfast.rotary(q, k, cos, sin)
+    return reference.rotary(q, k, cos, sin)
+
+
+def _rotary_bwd(gq: Tensor, gk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if _compiled(gq):
+        return torch.ops.pyfast.rotary_backward(gq, gk, cos, sin)
+    return reference.rotary_backward(gq, gk, cos, sin)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -109,6 +125,21 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu_bwd(grad.contiguous(), gate, up)
 
 
+class _Rotary(torch.autograd.Function):
+    """Keeps only cos and sin for backward (as the stock ops do)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary_fwd(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rotary_bwd(grad_q, grad_k, cos, sin)
+        return dq, dk, None, None
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` as transformers' LlamaRMSNorm, fused;
     differentiable in x and weight (same dtype, weight of shape (x.shape[-1],))."""
@@ -122,6 +153,23 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return _swiglu_fwd(gate, up)
     return _SwiGLU.apply(gate, up)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (``x * cos + rotate_half(x) * sin``,
+    cos / sin (B or 1, T, D) broadcast over the heads of q (B, H, T, D) and k (B, KV, T, D)), fused
+    and with the same bits; differentiable in q and k. Outputs are contiguous. Mixed dtypes (e.g.
+    bfloat16 q/k under autocast with float32 cos/sin) and differentiable cos / sin take the stock
+    formula (:func:`pyfast.ops.reference.rotary`), with its type promotion."""
+    if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+        return reference.rotary(q, k, cos, sin)
+    if not torch.is_grad_enabled():
+        return _rotary_fwd(q, k, cos, sin)
+    if cos.requires_grad or sin.requires_grad:
+        return reference.rotary(q, k, cos, sin)
+    if not (q.requires_grad or k.requires_grad):
+        return _rotary_fwd(q, k, cos, sin)
+    return _Rotary.apply(q, k, cos, sin)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -295,6 +343,75 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+# What the allowlisted attention forwards add to Llama's (checked against the installed source by
+# tests/ops/test_rotary.py): a sliding window handed to the attention function, q/k norms.
+_SLIDING_WINDOW = {
+    "MistralAttention": lambda m: getattr(m.config, "sliding_window", None),
+    "Qwen2Attention": lambda m: m.sliding_window,
+    "Qwen3Attention": lambda m: m.sliding_window,
+}
+_QK_NORM = ("Qwen3Attention",)
+
+
+def _fused_attention_forward(
+    self,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor] | None = None,
+    attention_mask: Tensor | None = None,
+    cache=None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' LlamaAttention.forward line for line (with Mistral's / Qwen2's / Qwen3's
+    additions for those classes), the rotary embedding fused (:func:`rotary`)."""
+    # the names the stock forward finds in its module (each family has its own eager function)
+    stock = sys.modules[type(self).__module__]
+    ALL_ATTENTION_FUNCTIONS = stock.ALL_ATTENTION_FUNCTIONS  # noqa: N806
+    eager_attention_forward = stock.eager_attention_forward
+
+    if cache is None:  # the stock forward's deprecated name for it
+        cache = kwargs.pop("past_key_values", None)
+    name = type(self).__name__
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+
+    if name in _QK_NORM:
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+    else:
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query_states, key_states = rotary(query_states, key_states, cos, sin)
+
+    if cache is not None:
+        key_states, value_states = cache.update(
+            key_states, value_states, self.layer_idx, kwargs=kwargs
+        )
+
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward
+    )
+    extra = {"sliding_window": _SLIDING_WINDOW[name](self)} if name in _SLIDING_WINDOW else {}
+
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **extra,
+        **kwargs,
+    )
+
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
 # keyword arguments of transformers' attention functions that ask for more than plain attention
 _NOT_PLAIN = ("position_bias", "softcap", "sliding_window", "s_aux")
 
@@ -361,8 +478,9 @@ def install_sdpa_dispatcher() -> None:
 
 def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
     """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
-    MLP_CLASSES) run the fused ops, its grouped-query attention modules (ATTENTION_CLASSES) run
-    SDPA on grouped keys and values (see :func:`_gqa_sdpa_applies`), and its decoder body
+    MLP_CLASSES) run the fused ops, its attention modules (ATTENTION_CLASSES) apply the fused
+    rotary embedding (:func:`rotary`) and, with grouped-query attention, run SDPA on grouped keys
+    and values (see :func:`_gqa_sdpa_applies`), and its decoder body
     (BODY_CLASSES) keep norm outputs as recipes for backward (:class:`_LeanNorms`); returns how
     many modules were swapped. With `recompute_mlp` the MLPs keep only their input for backward
     (:func:`swiglu_mlp` with ``recompute=True``). Idempotent (a second call sets
@@ -385,9 +503,11 @@ def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
             m.forward = types.MethodType(_fused_norm_forward, m)
         elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
             m.forward = types.MethodType(_fused_mlp_forward, m)
-        elif name in ATTENTION_CLASSES and getattr(m, "num_key_value_groups", 1) > 1:
-            install_sdpa_dispatcher()
-            m._pyfast_gqa = True
+        elif name in ATTENTION_CLASSES:
+            m.forward = types.MethodType(_fused_attention_forward, m)
+            if getattr(m, "num_key_value_groups", 1) > 1:
+                install_sdpa_dispatcher()
+                m._pyfast_gqa = True
         elif name in BODY_CLASSES:
             m.forward = _lean_body_forward(m)
         else:
@@ -438,3 +558,30 @@ if HAS_C:
         return torch.ops.pyfast.swiglu_backward(grad.contiguous(), gate, up)
 
     torch.library.register_autograd("pyfast::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+    @torch.library.register_fake("pyfast::rotary")
+    def _rotary_fake(q, k, cos, sin):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    @torch.library.register_fake("pyfast::rotary_backward")
+    def _rotary_backward_fake(grad_q, grad_k, cos, sin):
+        def token_major(g):  # (B, N, T, D) with (B, T, N, D) memory order
+            b, n, t, d = g.shape
+            return g.new_empty(b, t, n, d).transpose(1, 2)
+
+        return token_major(grad_q), token_major(grad_k)
+
+    def _rotary_setup(ctx, inputs, output):
+        q, k, cos, sin = inputs
+        if cos.requires_grad or sin.requires_grad:
+            raise ValueError(
+                "torch.ops.pyfast.rotary: no gradient for cos / sin; use pyfast.ops.rotary, "
+                "which takes the stock formula for differentiable cos / sin"
+            )
+        ctx.save_for_backward(cos, sin)
+
+    def _rotary_backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        return (*torch.ops.pyfast.rotary_backward(grad_q, grad_k, cos, sin), None, None)
+
+    torch.library.register_autograd("pyfast::rotary", _rotary_backward, setup_context=_rotary_setup)

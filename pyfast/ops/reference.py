@@ -167,3 +167,31 @@ def swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Ten
     d_up = d * torch.nn.functional.silu(gate).to(acc)
     d_gate = d * u * s * (1 + g * (1 - s))
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding as transformers' apply_rotary_pos_emb: x * cos +
+    rotate_half(x) * sin for q (B, H, T, D) and k (B, KV, T, D), cos / sin (B or 1, T, D)
+    broadcast over the heads; rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rotary_backward(
+    grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(d/dq, d/dk) of rotary: g * cos + rotate_half^T(g * sin), rotate_half^T(y) =
+    cat(y[..., D/2:], -y[..., :D/2]) (the products rounded before the sum, as autograd does)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def one(g: Tensor) -> Tensor:
+        gs = g * sin
+        h = gs.shape[-1] // 2
+        return g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
+
+    return one(grad_q), one(grad_k)
