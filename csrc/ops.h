@@ -55,6 +55,12 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
                                                        const at::Tensor& gate,
                                                        const at::Tensor& up);
+// swiglu_: swiglu written over gate (inference).
+void swiglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up);
+// trie_attention: attention over one row of depth-first prefix tries, query i seeing key j
+// exactly when j <= i < end[j]; (1, T, H, D) out.
+at::Tensor trie_attention_cpu(const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& end, double scale);
 // rotary: (q_embed, k_embed) = x * cos + rotate_half(x) * sin; rotary_backward: its transpose.
 std::tuple<at::Tensor, at::Tensor> rotary_cpu(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& cos, const at::Tensor& sin);

@@ -74,7 +74,7 @@ TORCH_LIBRARY(pyfast, m) {
       "(Tensor grad_x, Tensor grad_weight)");
   // SwiGLU gate: silu(gate) * up, elementwise (same shape and dtype); backward from gate and up.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_(Tensor(a!) gate, Tensor up) -> Tensor(a!)");  // into gate (inference)
+  m.def("swiglu_(Tensor(a!) gate, Tensor up) -> ()");  // written into gate (inference)
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
   // Attention (forward) over one unpadded row of prefix tries in depth-first order: query i sees
   // key j exactly when j <= i < end[j]. query (1, H, T, D), key/value (1, KV, T, D) with H a

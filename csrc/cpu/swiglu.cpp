@@ -134,11 +134,10 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
 
 // In place over gate (inference: the projection's output is consumed here), which saves the
 // output's allocation and the first-touch page faults of a fresh (tokens, intermediate) buffer.
-at::Tensor& swiglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up_in) {
+void swiglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up_in) {
   check_pair("swiglu_", "gate", gate, "up", up_in);
   TORCH_CHECK(gate.is_contiguous(), "swiglu_: gate must be contiguous to be written in place");
   forward_into(gate, up_in.contiguous(), gate);
-  return gate;
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_in,

@@ -275,6 +275,8 @@ void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor&
               end.scalar_type(), " ", end.sizes(), " on ", end.device());
 }
 
+}  // namespace
+
 at::Tensor trie_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                               const at::Tensor& value, const at::Tensor& end_in, double scale) {
   check_qkv(query, key, value, end_in);
@@ -354,5 +356,4 @@ at::Tensor trie_attention_cpu(const at::Tensor& query, const at::Tensor& key,
 
 TORCH_LIBRARY_IMPL(pyfast, CPU, m) { m.impl("trie_attention", &trie_attention_cpu); }
 
-}  // namespace
 }  // namespace pyfast

@@ -77,7 +77,8 @@ def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 def _swiglu_fwd_(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up written over `gate` (a temporary nothing else reads)."""
     if _compiled(gate) and gate.is_contiguous():
-        return torch.ops.pyfast.swiglu_(gate, up)
+        torch.ops.pyfast.swiglu_(gate, up)
+        return gate
     return reference.swiglu_(gate, up)
 
 
@@ -531,6 +532,15 @@ if HAS_C:
     @torch.library.register_fake("pyfast::swiglu")
     def _swiglu_fake(gate, up):
         return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("pyfast::swiglu_")
+    def _swiglu_inplace_fake(gate, up):
+        return None
+
+    @torch.library.register_fake("pyfast::trie_attention")
+    def _trie_attention_fake(query, key, value, end, scale):
+        _, heads, length, dim = query.shape
+        return query.new_empty(1, length, heads, dim)
 
     @torch.library.register_fake("pyfast::swiglu_backward")
     def _swiglu_backward_fake(grad, gate, up):

@@ -58,8 +58,9 @@ def test_swiglu_matches_reference(shape, dtype):
     assert _rel(dg, dg_ref) <= TOL[dtype] * 4 and _rel(du, du_ref) <= TOL[dtype] * 4
     # in place over gate: the same values (bit for bit), in gate's own storage
     want, into = torch.ops.pyfast.swiglu(g, u), g.clone()
-    got = torch.ops.pyfast.swiglu_(into, u)
-    assert got.data_ptr() == into.data_ptr() and torch.equal(got, want)
+    ptr = into.data_ptr()
+    torch.ops.pyfast.swiglu_(into, u)
+    assert into.data_ptr() == ptr and torch.equal(into, want)
     assert torch.equal(reference.swiglu_(g.clone(), u), reference.swiglu(g, u))
 
 
@@ -93,6 +94,10 @@ def test_opcheck_and_gradcheck():
         (torch.ops.pyfast.rms_norm_backward.default, (x.detach(), x.detach(), w.detach(),
                                                       torch.rand(5, dtype=torch.float64))),
         (torch.ops.pyfast.swiglu_backward.default, (g.detach(), g.detach(), u.detach())),
+        (torch.ops.pyfast.swiglu_.default, (g.detach().clone(), u.detach())),
+        (torch.ops.pyfast.trie_attention.default, (torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8),
+                                                   torch.randn(1, 2, 6, 8),
+                                                   torch.tensor([6, 3, 3, 6, 6, 6]), 0.5)),
     ]:  # fmt: skip
         torch.library.opcheck(op, args)
 
