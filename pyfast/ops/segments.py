@@ -82,6 +82,7 @@ class SegmentedAttention:
         ]
         self.length = length
         self.calls = 0
+        self._own_keys = all(s.keys == ((s.start, s.end),) for s in self.segments)
 
     def __call__(self, query: Tensor, key: Tensor, value: Tensor, scale: float | None = None):
         if query.shape[0] != 1 or query.shape[2] != self.length or key.shape[2] != self.length:
@@ -90,17 +91,25 @@ class SegmentedAttention:
                 f"and key {tuple(key.shape)} (expected one row of that length)"
             )
         gqa = query.shape[1] != key.shape[1]
+        # The query ranges tile the row: split it (autograd then joins the pieces' gradients
+        # with one cat; per-range slices would each zero-fill a full-size gradient). Where every
+        # segment attends to its own range only (padding-free training rows), so do the keys.
+        sizes = [s.end - s.start for s in self.segments]
+        queries = query.split(sizes, 2)
+        own = self._own_keys and (key.split(sizes, 2), value.split(sizes, 2))
         outs = []
-        for s in self.segments:
-            if len(s.keys) == 1:
+        for i, s in enumerate(self.segments):
+            if own:
+                k, v = own[0][i], own[1][i]
+            elif len(s.keys) == 1:
                 (a, b), = s.keys  # fmt: skip
                 k, v = key[:, :, a:b], value[:, :, a:b]
             else:
                 k = torch.cat([key[:, :, a:b] for a, b in s.keys], dim=2)
                 v = torch.cat([value[:, :, a:b] for a, b in s.keys], dim=2)
             o = F.scaled_dot_product_attention(
-                query[:, :, s.start : s.end], k, v, attn_mask=s.mask, is_causal=s.mask is None,
-                scale=scale, enable_gqa=gqa,
+                queries[i], k, v, attn_mask=s.mask, is_causal=s.mask is None, scale=scale,
+                enable_gqa=gqa,
             )  # fmt: skip
             outs.append(o.transpose(1, 2))
         self.calls += 1
