@@ -14,7 +14,8 @@ truncation) but computes faster:
   laid out depth first, position ids are each token's depth, and every token sees exactly its
   ancestors, so each hidden state equals the one of the plain causal pass. On transformers'
   "sdpa" attention a batch is one unpadded row of up to ``batch_size`` x ``row_tokens`` tokens
-  and attention runs per subtree (:func:`pyfast.ops.segments.trie_attention`); on eager
+  and attention runs over the whole trie (:func:`pyfast.ops.segments.trie_attention`: on the
+  CPU one compiled kernel call per layer, elsewhere one SDPA call per subtree); on eager
   attention tries are packed into rows of about ``row_tokens`` tokens, padded to the longest
   of ``batch_size`` rows, under a dense 4-D mask. Models whose attention takes no custom mask
   (flash-attention kernels, sliding windows, ALiBi) run each batch of contexts once and expand
@@ -239,7 +240,8 @@ class HFLM(LM):
             on CPU, where the masked attention over a row costs in proportion to its length
             (measured: 128-token rows 10-15% faster than 512 on ARC and HellaSwag), 512 elsewhere.
             With segments, a forward pass takes up to `batch_size` x `row_tokens` tokens.
-        subtree_tokens: with segments, a subtree of at most this many tokens attends in one
+        subtree_tokens: with segments where the compiled trie kernel does not serve the model
+            (CUDA, no extension), a subtree of at most this many tokens attends in one SDPA
             call under its mask; larger ones are cut at their branches (see
             :func:`pyfast.ops.segments.trie_attention`).
         fuse_blocks: when loading `model` by name, run its RMSNorm and SwiGLU-MLP modules through
@@ -458,7 +460,7 @@ class HFLM(LM):
 
         Rows are right-padded to the longest and attend under one dense 4-D mask (position i
         sees j when j <= i < end[j]); with `segmented` the batch is a single unpadded row whose
-        attention runs per subtree (:func:`pyfast.ops.segments.trie_attention`)."""
+        attention runs over the trie (:func:`pyfast.ops.segments.trie_attention`)."""
         dev = self.device
         layouts = [_layout(pack) for pack in batch]
         L = max(len(lay.ids) for lay in layouts)
