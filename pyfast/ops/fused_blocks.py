@@ -164,12 +164,10 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     formula (:func:`pyfast.ops.reference.rotary`), with its type promotion."""
     if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
         return reference.rotary(q, k, cos, sin)
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))):
         return _rotary_fwd(q, k, cos, sin)
     if cos.requires_grad or sin.requires_grad:
         return reference.rotary(q, k, cos, sin)
-    if not (q.requires_grad or k.requires_grad):
-        return _rotary_fwd(q, k, cos, sin)
     return _Rotary.apply(q, k, cos, sin)
 
 

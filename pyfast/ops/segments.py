@@ -82,6 +82,11 @@ class SegmentedAttention:
         ]
         self.length = length
         self.calls = 0
+        # The query ranges tile the row, so it is split (autograd then joins the pieces'
+        # gradients with one cat; a slice per range would zero-fill a full-size gradient each).
+        # Where every segment attends to its own range only (padding-free training rows), the
+        # keys and values are split the same way.
+        self._sizes = [s.end - s.start for s in self.segments]
         self._own_keys = all(s.keys == ((s.start, s.end),) for s in self.segments)
 
     def __call__(self, query: Tensor, key: Tensor, value: Tensor, scale: float | None = None):
@@ -91,26 +96,15 @@ class SegmentedAttention:
                 f"and key {tuple(key.shape)} (expected one row of that length)"
             )
         gqa = query.shape[1] != key.shape[1]
-        # The query ranges tile the row: split it (autograd then joins the pieces' gradients
-        # with one cat; per-range slices would each zero-fill a full-size gradient). Where every
-        # segment attends to its own range only (padding-free training rows), so do the keys.
-        sizes = [s.end - s.start for s in self.segments]
-        queries = query.split(sizes, 2)
-        own = self._own_keys and (key.split(sizes, 2), value.split(sizes, 2))
+        if self._own_keys:
+            kv = zip(key.split(self._sizes, 2), value.split(self._sizes, 2), strict=True)
+        else:
+            kv = (_gather_keys(key, value, s.keys) for s in self.segments)
         outs = []
-        for i, s in enumerate(self.segments):
-            if own:
-                k, v = own[0][i], own[1][i]
-            elif len(s.keys) == 1:
-                (a, b), = s.keys  # fmt: skip
-                k, v = key[:, :, a:b], value[:, :, a:b]
-            else:
-                k = torch.cat([key[:, :, a:b] for a, b in s.keys], dim=2)
-                v = torch.cat([value[:, :, a:b] for a, b in s.keys], dim=2)
+        for s, q, (k, v) in zip(self.segments, query.split(self._sizes, 2), kv, strict=True):
             o = F.scaled_dot_product_attention(
-                queries[i], k, v, attn_mask=s.mask, is_causal=s.mask is None, scale=scale,
-                enable_gqa=gqa,
-            )  # fmt: skip
+                q, k, v, attn_mask=s.mask, is_causal=s.mask is None, scale=scale, enable_gqa=gqa
+            )
             outs.append(o.transpose(1, 2))
         self.calls += 1
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0].contiguous()
@@ -123,6 +117,15 @@ class SegmentedAttention:
             segments.append(Segment(start, start + n, ((start, start + n),)))
             start += n
         return cls(segments, start, device)
+
+
+def _gather_keys(key: Tensor, value: Tensor, ranges: tuple[tuple[int, int], ...]):
+    """Keys and values of `ranges` of the row, concatenated in order (a view for one range)."""
+    if len(ranges) == 1:
+        (a, b), = ranges  # fmt: skip
+        return key[:, :, a:b], value[:, :, a:b]
+    return (torch.cat([key[:, :, a:b] for a, b in ranges], dim=2),
+            torch.cat([value[:, :, a:b] for a, b in ranges], dim=2))  # fmt: skip
 
 
 def _merge(ranges: tuple[tuple[int, int], ...], a: int, b: int) -> tuple[tuple[int, int], ...]:
@@ -196,6 +199,7 @@ class TrieAttention:
     runs as the :attr:`segments` below, one SDPA call each."""
 
     def __init__(self, end: list[int], cap: int, device: torch.device | str = "cpu"):
+        self._end = end
         self.end = torch.tensor(end, dtype=torch.long)
         self.cap = cap
         self.device = torch.device(device)
@@ -208,7 +212,7 @@ class TrieAttention:
         """The same attention as per-segment SDPA calls (built on first use)."""
         if self._segmented is None:
             self._segmented = SegmentedAttention(
-                _trie_segments(self.end.tolist(), self.cap), self.length, self.device
+                _trie_segments(self._end, self.cap), self.length, self.device
             )
         return self._segmented
 
