@@ -11,7 +11,11 @@ extension is compiled against the very torch it runs with (see README, "Installi
 
 import glob
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -72,7 +76,8 @@ def cuda_wanted():
 def nvidia_wheel_includes():
     """Header folders of the NVIDIA wheels torch depends on (cuBLAS, cuSPARSE, cuSOLVER...).
 
-    ATen's CUDA headers include cublas_v2.h etc.; a bare toolkit may lack them, the wheels have them.
+    ATen's CUDA headers include cublas_v2.h etc.; a bare toolkit may lack them; the wheels
+    have them.
     """
     try:
         import nvidia
@@ -85,13 +90,54 @@ def nvidia_wheel_includes():
     return sorted(set(found))
 
 
+def loaded_libstdcxx() -> str | None:
+    """The libstdc++ this process (Python + torch) has loaded, from /proc/self/maps (Linux)."""
+    import torch  # noqa: F401 - loads libstdc++ through libtorch
+
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def shared_libstdcxx_args() -> list[str]:
+    """Link arguments that keep the extension on the process's shared libstdc++.
+
+    A compiler without a shared libstdc++ of its own (seen on a CUDA image whose /opt/gcc holds
+    only libstdc++.a) links a second, static copy into the extension. Its locale state is never
+    initialised, so the first error message that formats a number (every argument check does)
+    crashes the process. Naming the libstdc++.so that torch already loaded ahead of the
+    compiler's -lstdc++ resolves those symbols there instead.
+    """
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    exe = shutil.which(shlex.split(cxx)[0])
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-print-file-name=libstdc++.so"], capture_output=True,
+                             text=True, timeout=60).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(out) and os.path.exists(out):
+        return []  # the compiler links a shared libstdc++ itself
+    lib = loaded_libstdcxx()
+    if lib is None:
+        return []
+    print(f"pyfast: {exe} has no shared libstdc++; linking {lib}", file=sys.stderr)
+    return [lib]
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cap = cpu_capability()
     cxx = [
         "-O3",
-        
         "-fopenmp",
         "-fno-math-errno",
         "-Wno-unknown-pragmas",
@@ -102,12 +148,15 @@ def extensions():
     ] + CPU_CAPABILITY_FLAGS[cap]
     if cap == "DEFAULT":  # at::vec's generic path defines no CPU_CAPABILITY_DEFAULT macro use
         cxx = [f for f in cxx if f != "-DCPU_CAPABILITY_DEFAULT"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp"] + shared_libstdcxx_args()
     if not cuda_wanted():
         print(f"pyfast: building CPU kernels only (SIMD: {cap})", file=sys.stderr)
-        return [CppExtension("pyfast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx},
-                             extra_link_args=link)]
-    nvcc = ["-O3",  "--use_fast_math", "-lineinfo", "-DPYFAST_WITH_CUDA"]
+        return [
+            CppExtension(
+                "pyfast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            )
+        ]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DPYFAST_WITH_CUDA"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc += ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
     print(f"pyfast: building CPU (SIMD: {cap}) and CUDA kernels", file=sys.stderr)
