@@ -23,8 +23,13 @@ from pyfast.ops._dispatch import use_kernel
 
 Tensor = torch.Tensor
 
-# Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/).
-_FULL_ROW_ELEMS = 8 << 20
+# Logits per whole-row block of linear_token_logprobs_with_grad (kFullRowElems in csrc/cpu and
+# csrc/cuda), and how many blocks N * V must hold before the one-pass gradient is taken: on the
+# CPU 20, so that the block stays under 5% of the (N, V) logits; on a GPU 2 (at most half),
+# because there the recomputing backward's fourth matmul costs a third more time while GPU
+# memory is less tight than host memory in CPU fine-tuning.
+_FULL_ROW_ELEMS = {"cpu": 8 << 20, "cuda": 64 << 20}
+_MIN_BLOCKS = {"cpu": 20, "cuda": 2}
 
 
 def _check_leading(op: str, x: Tensor, xname: str, labels: Tensor) -> None:
@@ -154,16 +159,20 @@ def linear_cross_entropy(
     """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
 
     When a gradient is needed, the compiled kernel is available and the problem is large
-    (N * V >= 20 * the kernel's whole-row block of 8 Mi logits, so that block stays under 5% of
-    the (N, V) logits), the gradients are computed in the forward pass (the loss's per-token
-    weights, -1/count, are known up front) and only scaled in backward: the logits are computed
-    once instead of twice. Otherwise backward recomputes them chunk by chunk.
+    (N * V at least 20 of the CPU kernel's whole-row blocks of 8 Mi logits, so that a block stays
+    under 5% of the (N, V) logits; on a GPU at least 2 blocks of 64 Mi), the gradients are
+    computed in the forward pass (the loss's per-token weights, -1/count, are known up front) and
+    only scaled in backward: the logits are computed once instead of twice. Otherwise backward
+    recomputes them chunk by chunk.
     """
     _check_leading("linear_cross_entropy", hidden, "hidden", labels)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    large = labels.numel() * weight.shape[0] >= 20 * _FULL_ROW_ELEMS
+    kind = hidden.device.type
+    large = kind in _MIN_BLOCKS and (
+        labels.numel() * weight.shape[0] >= _MIN_BLOCKS[kind] * _FULL_ROW_ELEMS[kind]
+    )
     if wants_grad and large and use_kernel(hidden.device):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
     logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)

@@ -163,8 +163,31 @@ def ce_path(request, monkeypatch):
     forward pass (linear_token_logprobs_with_grad), which small problems do not take by default."""
     if request.param == "fused":
         module = importlib.import_module("pyfast.ops.token_logprobs")
-        monkeypatch.setattr(module, "_FULL_ROW_ELEMS", 1)
+        monkeypatch.setattr(module, "_FULL_ROW_ELEMS", {"cpu": 1, "cuda": 1})
     return request.param
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_gradient_over_several_row_blocks(dtype):
+    """The CUDA one-pass gradient in whole-row blocks of 64 Mi logits: 1400 x 49152 logits make
+    two blocks (1365 rows, then 35), against the float64 reference."""
+    n, v = 1400, 49152
+    hidden, weight, bias, labels = make(n, 64, v, dtype, "cuda", bias=True)
+    g = torch.randn(n, device="cuda")
+    lp, am, lse, gh, gw, gb = torch.ops.pyfast.linear_token_logprobs_with_grad(
+        hidden, weight, labels, bias, -100, g
+    )
+    ref_in = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    rlp, _, rlse = reference.linear_token_logprobs(*ref_in[:2], labels, ref_in[2])
+    (rlp * g.double()).sum().backward()
+    tol = dict(rtol=1e-5, atol=5e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.15)
+    torch.testing.assert_close(lp.double(), rlp.detach(), **tol)
+    torch.testing.assert_close(lse.double(), rlse.detach(), **tol)
+    for name, a, r in zip(("hidden", "weight", "bias"), (gh, gw, gb), ref_in, strict=True):
+        assert a.dtype == dtype, name
+        err = (a.double() - r.grad).abs().max().item() / (r.grad.abs().max().item() + 1e-12)
+        assert err < (5e-5 if dtype == torch.float32 else 3e-2), (name, err)
 
 
 @needs_c
