@@ -14,9 +14,11 @@
   for the module classes whose forward is exactly Llama's (same math, same rounding order), and
   makes the decoder body keep each norm's output as a recipe for backward (recomputed from the
   norm's input, which backward keeps anyway) instead of the tensor; its attention layers apply
-  the fused rotary embedding; its grouped-query attention layers run SDPA on the key/value heads
-  as they are (``enable_gqa``) when a mask is given on the CPU, where transformers copies keys
-  and values once per query head (``repeat_kv``) and autograd keeps the copies.
+  the fused rotary embedding (where the installed transformers' attention forward is the one
+  pyfast reproduces, :func:`stock_attention_matches`); its grouped-query attention layers run
+  SDPA on the key/value heads as they are (``enable_gqa``) when a mask is given on the CPU, where
+  transformers copies keys and values once per query head (``repeat_kv``) and autograd keeps the
+  copies.
 
 Results equal the stock modules to float32 rounding (the row reduction order differs); they are
 checked against them, forward and backward, in tests/ops/test_fused_blocks.py. The compiled
@@ -26,10 +28,14 @@ pure-PyTorch twins in :mod:`pyfast.ops.reference`, so the memory saving holds on
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
 import sys
+import textwrap
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -342,14 +348,23 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-# What the allowlisted attention forwards add to Llama's (checked against the installed source by
-# tests/ops/test_rotary.py): a sliding window handed to the attention function, q/k norms.
+# What the allowlisted attention forwards add to Llama's: a sliding window handed to the attention
+# function (the expression each stock forward passes, and the same as a function of the module),
+# and q/k norms. stock_attention_matches() checks them against the installed source.
+_SLIDING_WINDOW_SOURCE = {
+    "MistralAttention": "getattr(self.config, 'sliding_window', None)",
+    "Qwen2Attention": "self.sliding_window",
+    "Qwen3Attention": "self.sliding_window",
+}
 _SLIDING_WINDOW = {
     "MistralAttention": lambda m: getattr(m.config, "sliding_window", None),
     "Qwen2Attention": lambda m: m.sliding_window,
     "Qwen3Attention": lambda m: m.sliding_window,
 }
 _QK_NORM = ("Qwen3Attention",)
+# Statements of _fused_attention_forward that the stock forward lacks: its own bookkeeping.
+_OWN_STATEMENTS = ("stock = ", "ALL_ATTENTION_FUNCTIONS = ", "eager_attention_forward = ",
+                   "if cache is None:", "name = ", "extra = ")  # fmt: skip
 
 
 def _fused_attention_forward(
@@ -475,11 +490,88 @@ def install_sdpa_dispatcher() -> None:
     AttentionInterface.register("sdpa", sdpa)
 
 
+def _statements(fn, branch: str | None = None) -> list[str]:
+    """The body of `fn` as normalised source, one statement a line (docstring left out); with
+    `branch` ("body" / "orelse"), the q/k-norm `if` of the fused forward is replaced by that
+    branch's statements."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    out = []
+    for s in tree.body[0].body:
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant):
+            continue
+        if branch and isinstance(s, ast.If) and "_QK_NORM" in ast.unparse(s.test):
+            out += [ast.unparse(t) for t in getattr(s, branch)]
+        else:
+            out.append(ast.unparse(s))
+    return out
+
+
+def _is_subsequence(part: list[str], whole: list[str]) -> bool:
+    it = iter(whole)
+    return all(any(p == w for w in it) for p in part)
+
+
+@functools.cache
+def stock_attention_matches(cls: type) -> bool:
+    """Whether the installed ``cls.forward`` (an attention class of ATTENTION_CLASSES) is the
+    forward that :func:`_fused_attention_forward` reproduces: every statement of it, in order,
+    the same source once ``apply_rotary_pos_emb`` is read for :func:`rotary` and the sliding
+    window for its ``**extra``; nothing added but the fused forward's own bookkeeping; the same
+    parameters. transformers releases change these forwards (cache arguments, new keywords), so
+    the swap is made only where this holds; elsewhere the stock forward stays."""
+    name = cls.__name__
+    try:
+        stock = _statements(cls.forward)
+        mine = _statements(_fused_attention_forward, "body" if name in _QK_NORM else "orelse")
+        same_params = list(inspect.signature(cls.forward).parameters) == list(
+            inspect.signature(_fused_attention_forward).parameters
+        )
+    except (OSError, TypeError, SyntaxError, IndexError):  # no source to read
+        return False
+    mine = [s.replace("= rotary(", "= apply_rotary_pos_emb(") for s in mine]
+    if sum("apply_rotary_pos_emb(query_states, key_states, cos, sin)" in s for s in stock) != 1:
+        return False
+    if name in _SLIDING_WINDOW_SOURCE:
+        arg = f"sliding_window={_SLIDING_WINDOW_SOURCE[name]}, "
+        if sum(arg in s for s in stock) != 1:
+            return False
+        stock = [s.replace(arg, "**extra, ") for s in stock]
+    else:
+        mine = [s.replace("**extra, ", "") for s in mine]
+    return (
+        same_params
+        and _is_subsequence(stock, mine)
+        and all(s in stock or s.startswith(_OWN_STATEMENTS) for s in mine)
+    )
+
+
+def _attention_swappable(cls: type) -> bool:
+    if stock_attention_matches(cls):
+        return True
+    if cls not in _DECLINED:
+        _DECLINED.add(cls)
+        import transformers
+
+        warnings.warn(
+            f"pyfast: {cls.__module__}.{cls.__name__}.forward of transformers "
+            f"{transformers.__version__} is not the forward pyfast's fused-rotary attention "
+            "reproduces; that module keeps its stock forward (RMSNorm and the MLP are still "
+            "fused)",
+            stacklevel=3,
+        )
+    return False
+
+
+_DECLINED: set[type] = set()
+
+
 def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
     """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
-    MLP_CLASSES) run the fused ops, its attention modules (ATTENTION_CLASSES) apply the fused
-    rotary embedding (:func:`rotary`) and, with grouped-query attention, run SDPA on grouped keys
-    and values (see :func:`_gqa_sdpa_applies`), and its decoder body
+    MLP_CLASSES) run the fused ops, its attention modules (ATTENTION_CLASSES, where the installed
+    transformers' forward is the one pyfast reproduces: :func:`stock_attention_matches`; others
+    keep theirs, with one warning per class) apply the fused rotary embedding (:func:`rotary`)
+    and, with grouped-query attention, run SDPA on grouped keys and values (see
+    :func:`_gqa_sdpa_applies`), and its decoder body
     (BODY_CLASSES) keep norm outputs as recipes for backward (:class:`_LeanNorms`); returns how
     many modules were swapped. With `recompute_mlp` the MLPs keep only their input for backward
     (:func:`swiglu_mlp` with ``recompute=True``). Idempotent (a second call sets
@@ -502,7 +594,7 @@ def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
             m.forward = types.MethodType(_fused_norm_forward, m)
         elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
             m.forward = types.MethodType(_fused_mlp_forward, m)
-        elif name in ATTENTION_CLASSES:
+        elif name in ATTENTION_CLASSES and _attention_swappable(type(m)):
             m.forward = types.MethodType(_fused_attention_forward, m)
             if getattr(m, "num_key_value_groups", 1) > 1:
                 install_sdpa_dispatcher()
