@@ -8,6 +8,8 @@
   the product — two (tokens, intermediate) tensors per layer fewer. The matmuls are torch's.
   With ``recompute=True`` it keeps only x and recomputes gate(x) and up(x) in backward (two
   more matmuls for two (tokens, intermediate) tensors fewer: selective recomputation).
+  Without autograd on the CPU, gate(x) and up(x) go into a per-thread scratch buffer reused by
+  every call (no fresh 12 MB outputs to fault in per layer).
 - :func:`rotary`: ``torch.ops.pyfast.rotary`` — transformers' ``apply_rotary_pos_emb`` (``x * cos
   + rotate_half(x) * sin`` for q and k) in one pass over q and k, forward and backward, same bits.
 - :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
@@ -249,9 +251,55 @@ def swiglu_mlp(
     tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SwiGLUMLP.apply(*tensors, bool(recompute))
+    ws = _inference_workspace(x, w_gate, w_up, b_gate, b_up)
+    if ws is not None:  # CPU inference: gate(x) and up(x) into reused buffers
+        gate, up = ws
+        x2 = x.reshape(-1, x.shape[-1])
+        torch.mm(x2, w_gate.t(), out=gate)
+        torch.mm(x2, w_up.t(), out=up)
+        out = F.linear(_swiglu_fwd_(gate, up), w_down, b_down)
+        return out.view(*x.shape[:-1], out.shape[-1])
     # Inference: the product overwrites gate(x), a fresh temporary (no second buffer).
     return F.linear(_swiglu_fwd_(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
                     b_down)  # fmt: skip
+
+
+# Scratch memory of the CPU inference MLP, per thread: one buffer for gate(x) and up(x), grown to
+# the largest call and reused by every layer and batch. Fresh (tokens, intermediate) outputs of
+# 12 MB each (2,000 tokens of SmolLM2) are freed at the top of glibc's heap, which trims them and
+# faults their pages in again at the next layer: ~300,000 page faults, ~0.5 s (4%) of a 0-shot
+# HellaSwag evaluation here (benchmarks/bench_eval.py). Capped: a larger call allocates as usual.
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_ELEMS = 64 << 20
+
+
+def _inference_workspace(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate, b_up):
+    """Two (tokens, intermediate) views of this thread's scratch buffer for `swiglu_mlp`'s
+    inference path, or None where it does not apply (not CPU, biases, mixed dtypes, autocast,
+    torch.compile, a call above the cap)."""
+    if (
+        x.device.type != "cpu"
+        or b_gate is not None
+        or b_up is not None
+        or not (x.dtype == w_gate.dtype == w_up.dtype)
+        or w_gate.shape != w_up.shape
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    n, f = x.numel() // x.shape[-1], w_gate.shape[0]
+    # up(x) starts 64-byte aligned, as a fresh tensor does: BLAS may pick its kernels (and so its
+    # rounding) by alignment, and the outputs must be the stock path's bits.
+    step = 64 // x.element_size()
+    second = -(-n * f // step) * step
+    if n == 0 or second + n * f > _WORKSPACE_MAX_ELEMS:
+        return None
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.dtype != x.dtype or buf.numel() < second + n * f:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of that mode
+            buf = torch.empty(second + n * f, dtype=x.dtype)
+        _WORKSPACE.buf = buf
+    return buf[: n * f].view(n, f), buf[second : second + n * f].view(n, f)
 
 
 # -- swapping them into a model ------------------------------------------------------------------

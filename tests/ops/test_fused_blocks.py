@@ -183,6 +183,54 @@ def test_mlp_under_bf16_autocast_and_frozen_weights():
     assert _rel(fused.down_proj.weight.grad, stock.down_proj.weight.grad) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mlp_reuses_one_scratch_buffer(dtype):
+    """Without autograd, gate(x) and up(x) go into this thread's scratch buffer: the same bits as
+    the fused MLP's plain inference path (and the stock MLP's values), the buffer grown to the
+    largest call and then reused (no new allocation for smaller calls), its contents never visible
+    in an output; calls above the cap, with biases or under autocast take the plain path."""
+
+    def plain(x):
+        saved = fb._inference_workspace
+        fb._inference_workspace = lambda *args: None
+        try:
+            return fused(x)
+        finally:
+            fb._inference_workspace = saved
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=176)
+    stock, fused = _pair(modeling_llama.LlamaMLP(cfg), dtype)
+    fb._WORKSPACE.__dict__.clear()
+    with torch.no_grad():
+        big = torch.randn(3, 41, 64, dtype=dtype)
+        y_big = fused(big)
+        buf = fb._WORKSPACE.buf
+        assert buf.numel() >= 2 * 3 * 41 * 176 and buf.dtype == dtype
+        for shape in [(1, 64), (2, 7, 64), (5, 64)]:
+            x = torch.randn(shape, dtype=dtype)
+            y = fused(x)
+            assert fb._WORKSPACE.buf is buf  # reused, not reallocated
+            assert torch.equal(y, plain(x)), shape
+            assert _rel(y, stock(x)) <= (4e-6 if dtype == torch.float32 else 1e-2), shape
+        assert torch.equal(y_big, plain(big))  # an earlier output is not the scratch memory
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(fused(big.float()), stock(big.float()))
+    fb._WORKSPACE.__dict__.clear()
+    with torch.inference_mode():  # a buffer made in inference mode serves no_grad calls too
+        y_inf = fused(big)
+    with torch.no_grad():
+        assert torch.equal(fused(big), y_inf)
+    assert fb._inference_workspace(big, fused.gate_proj.weight, fused.up_proj.weight,
+                                   torch.zeros(176, dtype=dtype), None) is None  # fmt: skip
+    cap = fb._WORKSPACE_MAX_ELEMS
+    try:
+        fb._WORKSPACE_MAX_ELEMS = 2 * 40 * 176 - 1
+        assert fb._inference_workspace(torch.randn(40, 64, dtype=dtype), fused.gate_proj.weight,
+                                       fused.up_proj.weight, None, None) is None  # fmt: skip
+    finally:
+        fb._WORKSPACE_MAX_ELEMS = cap
+
+
 def test_mlp_saves_fewer_activations():
     """What autograd keeps for backward: x, gate(x), up(x) (+ weights), not silu and product."""
     cfg = LlamaConfig(hidden_size=32, intermediate_size=96)
