@@ -29,22 +29,32 @@ class _Plan:
     whole update takes on a GPU (~5 us per tensor against ~1 ms for 135M parameters on an H200).
 
     The params' step counters become views of one tensor, so one ``+= 1`` advances them all and
-    ``state[p]["step"]`` stays what torch.optim.AdamW keeps there. The plan is dropped when the
-    group's params, which of them have a gradient, the optimizer's state dict object or its size,
-    or the masks change (``load_state_dict`` and ``set_masks`` drop every plan)."""
+    ``state[p]["step"]`` stays what torch.optim.AdamW keeps there. Params whose counts differ
+    (one that got its first gradient later) form one kernel call per count. The plan is dropped
+    when the group's params, which of them have a gradient, the optimizer's state dict object or
+    its size, or the masks change (``load_state_dict`` and ``set_masks`` drop every plan)."""
 
     def __init__(self, opt, group: dict, params: list[Tensor], states: list[dict]):
         self.params = params
         self.without = [p for p in group["params"] if p.grad is None]
         self.key = self._key(opt, group)
         self.device = params[0].device if params else None
-        self.exp_avgs = [s["exp_avg"] for s in states]
-        self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         self.masks = [opt._masks.get(id(p)) for p in params]
-        self.any_mask = any(m is not None for m in self.masks)
         self.steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
         for i, s in enumerate(states):
             s["step"] = self.steps[i]
+        by_count: dict[float, list[int]] = {}
+        for i, s in enumerate(states):
+            by_count.setdefault(float(s["step"]), []).append(i)
+        # per kernel call: (indices into params or None for all, its first index, its lists)
+        self.calls = []
+        for idx in by_count.values():
+            masks = [self.masks[i] for i in idx]
+            self.calls.append((
+                None if len(idx) == len(params) else idx, idx[0], [params[i] for i in idx],
+                [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                masks if any(m is not None for m in masks) else [],
+            ))  # fmt: skip
 
     @staticmethod
     def _key(opt, group: dict) -> tuple:
@@ -69,11 +79,10 @@ class _Plan:
         self.steps += 1
         beta1, beta2 = group["betas"]
         scale = None if scale is None else scale.to(self.device)
-        fused_adamw_(
-            self.params, grads, self.exp_avgs, self.exp_avg_sqs,
-            self.masks if self.any_mask else [], float(group["lr"]), beta1, beta2, group["eps"],
-            group["weight_decay"], int(self.steps[0]), scale,
-        )  # fmt: skip
+        for idx, first, ps, ms, vs, masks in self.calls:
+            gs = grads if idx is None else [grads[i] for i in idx]
+            fused_adamw_(ps, gs, ms, vs, masks, float(group["lr"]), beta1, beta2, group["eps"],
+                         group["weight_decay"], int(self.steps[first]), scale)  # fmt: skip
 
 
 def _shard_like(mask: Tensor, p: Tensor) -> Tensor:
@@ -333,7 +342,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _plan(self, group: dict) -> _Plan | None:
         """The group's cached :class:`_Plan`, rebuilt when what it was read from has changed;
-        None for sharded params or params of several devices or dtypes (the general path)."""
+        None for sharded or empty params, or params of several devices or dtypes (the general
+        path)."""
         plan = self._plans.get(id(group))
         if plan is not None and plan.valid(self, group):
             return plan
@@ -342,11 +352,10 @@ class FusedAdamW(torch.optim.Optimizer):
         todo = [p for p in params if p.grad is not None]
         if any(DTensor is not None and isinstance(p, DTensor) for p in todo):
             return None
+        if any(p.numel() == 0 for p in todo):
+            return None
         states = [self._init_state(p) for p in todo]
-        kinds = {
-            (p.device, p.dtype, s["exp_avg"].dtype, float(s["step"]))
-            for p, s in zip(todo, states, strict=True)
-        }
+        kinds = {(p.device, p.dtype, s["exp_avg"].dtype) for p, s in zip(todo, states, strict=True)}
         if len(kinds) > 1:
             return None
         plan = _Plan(self, group, todo, states)

@@ -282,7 +282,8 @@ def test_cached_plan_follows_every_change(device):
 
     step(0, skip=(1,))  # param 1 has no state yet
     step(1)  # ... and joins (new state: the plan is rebuilt)
-    step(2)  # the cached plan
+    step(2)  # the cached plan: param 1's count is one behind (a kernel call of its own)
+    assert len(opt._plans) == 2 and len(opt._plans[id(opt.param_groups[0])].calls) == 2
     step(3, skip=(4,))  # a param without gradient is left alone
     for g, h in zip(opt.param_groups, ref.param_groups, strict=True):
         g["lr"] = h["lr"] = g["lr"] * 0.5  # read at every step
