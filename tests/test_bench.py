@@ -47,3 +47,44 @@ def test_bench_bad_arguments(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             main(["bench", "optim", "--device", "cuda"])
+
+
+def test_back_to_back_timing_and_its_column():
+    """time_back_to_back: `calls` calls between two synchronisations, best of `rounds`, per call;
+    recorded only on a GPU; the table gains its column (with the share of the ceiling) only when
+    some result has it."""
+    import time
+
+    from pyfast.bench import common
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.008 if len(calls) <= 4 else 0.001)  # the first round is the slow one
+
+    per_call = common.time_back_to_back(fn, torch.device("cpu"), calls=4, rounds=3)
+    assert len(calls) == 12 and 0.001 <= per_call < 0.006
+    r = common.Result("step", "pyfast", 2.0, 0.1, bytes_moved=4 * 10**9, gbps=2000.0,
+                      peak_mem_mb=1.0)  # fmt: skip
+    common.add_back_to_back(r, fn, torch.device("cpu"))
+    assert r.extra == {} and len(calls) == 12  # nothing to add on the CPU
+    ceilings = {"copy_gbps": 4000.0, "matmul_tflops_fp32": 40.0}
+    plain = common.markdown_table([r], ceilings)
+    assert "back-to-back" not in plain and plain.splitlines()[1] == "|---" * 7 + "|"
+    r.extra.update(back_to_back_ms=1.25, back_to_back_gbps=3200.0)
+    h = common.Result(
+        "hidden",
+        "pyfast",
+        6.0,
+        0.1,
+        0,
+        0.0,
+        16.0,
+        extra={"tflops": 39.0, "back_to_back_ms": 5.9, "back_to_back_tflops": 38.0},
+    )
+    lines = common.markdown_table([r, h], ceilings).splitlines()
+    assert "back-to-back ms (throughput)" in lines[0] and lines[1] == "|---" * 8 + "|"
+    assert "| 1.25 (3200 GB/s, 80%) |" in lines[2]
+    assert "| 5.90 (38.0 TFLOP/s, 95%) |" in lines[3]
+    assert all(line.count("|") == 9 for line in lines)

@@ -99,6 +99,37 @@ def time_fn(
     return Timing(statistics.median(times), q[2] - q[0], min(times), rounds, times)
 
 
+def time_back_to_back(
+    fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 3
+) -> float:
+    """Seconds per call of `calls` calls issued back to back between two device
+    synchronisations, the best of `rounds`. On a GPU one call's kernels then overlap the host
+    work of the next, so where the host keeps ahead this is the device time of a call, while
+    :func:`time_fn` times each call to a synchronisation (its launch and host time included)."""
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def add_back_to_back(r: Result, fn: Callable[[], object], device: torch.device, flops: int = 0):
+    """On a GPU, records :func:`time_back_to_back` in ``r.extra`` (ms, and GB/s or TFLOP/s for
+    the work `r` counts); elsewhere a call's host time is its device time and nothing is added."""
+    if device.type != "cuda":
+        return
+    s = time_back_to_back(fn, device)
+    r.extra["back_to_back_ms"] = s * 1e3
+    if r.bytes_moved:
+        r.extra["back_to_back_gbps"] = r.bytes_moved / s / 1e9
+    if flops:
+        r.extra["back_to_back_tflops"] = flops / s / 1e12
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, rounds: int = 5) -> float:
     """The device's measured memory bandwidth in GB/s (bytes read + bytes written per second).
 
@@ -154,18 +185,33 @@ def _throughput(r: Result, ceilings: dict) -> str:
     return "—"
 
 
+def _back_to_back(r: Result, ceilings: dict) -> str:
+    ms = r.extra.get("back_to_back_ms")
+    if ms is None:
+        return "—"
+    if "back_to_back_gbps" in r.extra and ceilings.get("copy_gbps"):
+        gbps = r.extra["back_to_back_gbps"]
+        return f"{ms:.2f} ({gbps:.0f} GB/s, {100 * gbps / ceilings['copy_gbps']:.0f}%)"
+    if "back_to_back_tflops" in r.extra and ceilings.get("matmul_tflops_fp32"):
+        tf = r.extra["back_to_back_tflops"]
+        return f"{ms:.2f} ({tf:.1f} TFLOP/s, {100 * tf / ceilings['matmul_tflops_fp32']:.0f}%)"
+    return f"{ms:.2f}"
+
+
 def markdown_table(results: list[Result], ceilings: dict) -> str:
-    """One row per (case, provider): time, speed-ups, throughput against the device's ceiling."""
-    lines = [
-        "| case | provider | median ms | IQR ms | speed-up | throughput (% of ceiling) "
-        "| peak extra MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """One row per (case, provider): time, speed-ups, throughput against the device's ceiling;
+    on a GPU also the back-to-back time per call (:func:`time_back_to_back`) and its
+    throughput."""
+    b2b = any("back_to_back_ms" in r.extra for r in results)
+    head = "| case | provider | median ms | IQR ms | speed-up | throughput (% of ceiling) "
+    head += "| back-to-back ms (throughput) " if b2b else ""
+    lines = [head + "| peak extra MB |", "|---" * (8 if b2b else 7) + "|"]
     for r in results:
         ratio = ", ".join(f"{v:.2f}x vs {k}" for k, v in r.ratios.items()) or "—"
+        extra = f"| {_back_to_back(r, ceilings)} " if b2b else ""
         lines.append(
             f"| {r.case} | {r.provider} | {r.median_ms:.1f} | {r.iqr_ms:.1f} | {ratio} "
-            f"| {_throughput(r, ceilings)} | {r.peak_mem_mb:.0f} |"
+            f"| {_throughput(r, ceilings)} {extra}| {r.peak_mem_mb:.0f} |"
         )
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from pyfast.bench.common import PeakMemory, Result, time_fn
+from pyfast.bench.common import PeakMemory, Result, add_back_to_back, time_fn
 from pyfast.ops import linear_cross_entropy, token_logprobs
 
 B, T, V = 16, 256, 49152
@@ -106,6 +106,7 @@ def run(device: str | torch.device = "cpu", rounds: int = 5, cases=CASES, log=pr
                 r.extra["tflops"] = flops / t.median_s / 1e12
             if case.startswith("hidden"):
                 r.extra["extra_vs_NxV_fp32_logits"] = extra_mb * 2**20 / (N * V * 4)
+            add_back_to_back(r, fn, device, flops)
             case_results.append(r)
             log(f"  {case:16s} {name:32s} {r.median_ms:9.1f} ms  (IQR {r.iqr_ms:.1f})")
         for r in case_results:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from pyfast.bench.common import PeakMemory, Result, time_fn
+from pyfast.bench.common import PeakMemory, Result, add_back_to_back, time_fn
 from pyfast.optim import FusedAdamW
 
 Tensor = torch.Tensor
@@ -179,6 +179,7 @@ def run(
                 moved / t.median_s / 1e9,
                 mem.peak_bytes / 2**20,
             )
+            add_back_to_back(r, fn, device)
             case_results.append(r)
             log(f"  {r.case:28s} {name:20s} {r.median_ms:9.1f} ms  (IQR {r.iqr_ms:.1f})")
             del fn
