@@ -117,36 +117,6 @@ inline float round_to(float v) {
   }
 }
 
-// One row of D = 2h elements: out = a * c + rot(a) * s (rot: rotate_half, or its transpose).
-// T is float or BFloat16 (float32 lanes); products and sum rounded to T as the eager ops do.
-template <typename T, bool kTranspose>
-inline void row_f(const T* a, const T* c, const T* s, T* out, int64_t h) {
-  using cpu::Vec;
-  constexpr int64_t W = Vec::size();
-  const T* s_lo = kTranspose ? s + h : s;  // sine multiplying a_hi (into out_lo)
-  const T* s_hi = kTranspose ? s : s + h;  // sine multiplying a_lo (into out_hi)
-  int64_t i = 0;
-  for (; i + W <= h; i += W) {
-    const Vec lo = cpu::vload(a + i), hi = cpu::vload(a + h + i);
-    const Vec p_lo = round_to<T>(lo * cpu::vload(c + i));
-    const Vec p_hi = round_to<T>(hi * cpu::vload(c + h + i));
-    // (-x) * s == -(x * s) exactly, so the sign goes on the rounded product
-    const Vec r_lo = round_to<T>(hi * cpu::vload(s_lo + i));
-    const Vec r_hi = round_to<T>(lo * cpu::vload(s_hi + i));
-    cpu::vstore(out + i, kTranspose ? p_lo + r_lo : p_lo - r_lo);
-    cpu::vstore(out + h + i, kTranspose ? p_hi - r_hi : p_hi + r_hi);
-  }
-  for (; i < h; ++i) {
-    const float lo = cpu::sload(a + i), hi = cpu::sload(a + h + i);
-    const float p_lo = round_to<T>(lo * cpu::sload(c + i));
-    const float p_hi = round_to<T>(hi * cpu::sload(c + h + i));
-    const float r_lo = round_to<T>(hi * cpu::sload(s_lo + i));
-    const float r_hi = round_to<T>(lo * cpu::sload(s_hi + i));
-    cpu::sstore(out + i, kTranspose ? p_lo + r_lo : p_lo - r_lo);
-    cpu::sstore(out + h + i, kTranspose ? p_hi - r_hi : p_hi + r_hi);
-  }
-}
-
 inline double unfused(double v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   asm("" : "+x"(v));
@@ -154,25 +124,37 @@ inline double unfused(double v) {
   return v;
 }
 
-template <bool kTranspose>
-inline void row_d(const double* a, const double* c, const double* s, double* out, int64_t h) {
-  const double* s_lo = kTranspose ? s + h : s;
-  const double* s_hi = kTranspose ? s : s + h;
-  for (int64_t i = 0; i < h; ++i) {
-    const double lo = a[i], hi = a[h + i];
-    const double p_lo = unfused(lo * c[i]), p_hi = unfused(hi * c[h + i]);
-    const double r_lo = unfused(hi * s_lo[i]), r_hi = unfused(lo * s_hi[i]);
-    out[i] = kTranspose ? p_lo + r_lo : p_lo - r_lo;
-    out[h + i] = kTranspose ? p_hi - r_hi : p_hi + r_hi;
-  }
-}
-
+// One row of D = 2h elements: out = a * c + rot(a) * s (rot: rotate_half, or its transpose).
+// One formula, applied to float32 vectors over the row (float / BFloat16 storage, products and
+// sum rounded to T as the eager ops do), to single elements for the tail, and to doubles.
 template <typename T, bool kTranspose>
 inline void row(const T* a, const T* c, const T* s, T* out, int64_t h) {
+  const T* s_lo = kTranspose ? s + h : s;  // sine multiplying a_hi (into out_lo)
+  const T* s_hi = kTranspose ? s : s + h;  // sine multiplying a_lo (into out_hi)
+  const auto step = [&](int64_t i, auto load, auto store, auto round) {
+    const auto lo = load(a + i), hi = load(a + h + i);
+    const auto p_lo = round(lo * load(c + i)), p_hi = round(hi * load(c + h + i));
+    // (-x) * s == -(x * s) exactly, so the sign goes on the rounded product
+    const auto r_lo = round(hi * load(s_lo + i)), r_hi = round(lo * load(s_hi + i));
+    store(out + i, kTranspose ? p_lo + r_lo : p_lo - r_lo);
+    store(out + h + i, kTranspose ? p_hi - r_hi : p_hi + r_hi);
+  };
+  int64_t i = 0;
   if constexpr (std::is_same_v<T, double>) {
-    row_d<kTranspose>(a, c, s, out, h);
+    for (; i < h; ++i) {
+      step(i, [](const double* p) { return *p; }, [](double* p, double v) { *p = v; }, unfused);
+    }
   } else {
-    row_f<T, kTranspose>(a, c, s, out, h);
+    using cpu::Vec;
+    for (; i + Vec::size() <= h; i += Vec::size()) {
+      step(
+          i, [](const T* p) { return cpu::vload(p); },
+          [](T* p, const Vec& v) { cpu::vstore(p, v); }, [](const Vec& v) { return round_to<T>(v); });
+    }
+    for (; i < h; ++i) {
+      step(i, [](const T* p) { return cpu::sload(p); }, [](T* p, float v) { cpu::sstore(p, v); },
+           [](float v) { return round_to<T>(v); });
+    }
   }
 }
 
