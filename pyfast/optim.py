@@ -22,6 +22,11 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _mask_arg(masks: list) -> list:
+    """The kernels' masks argument: the per-tensor list, or [] when no tensor has a mask."""
+    return masks if any(m is not None for m in masks) else []
+
+
 class _Plan:
     """The lists that one param group's fused update hands the kernel, read once and reused for
     every step until something they were read from changes: per-tensor Python work (state
@@ -53,7 +58,7 @@ class _Plan:
             self.calls.append((
                 None if len(idx) == len(params) else idx, idx[0], [params[i] for i in idx],
                 [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
-                masks if any(m is not None for m in masks) else [],
+                _mask_arg(masks),
             ))  # fmt: skip
 
     @staticmethod
@@ -292,14 +297,11 @@ class FusedAdamW(torch.optim.Optimizer):
             masks.append(self._masks.get(id(p)))
         if not by_device and group is None:
             return None
-        norms = [
-            grad_norm(g, m if any(x is not None for x in m) else []) for g, m in by_device.values()
-        ]
+        norms = [grad_norm(g, _mask_arg(m)) for g, m in by_device.values()]
         if group is not None:  # global norm of the shards: sum of local squares over the ranks
             sq = torch.zeros((), dtype=torch.float32, device=shard_device)
             for gs, ms in sharded.values():
-                ms = ms if any(m is not None for m in ms) else []
-                sq = sq + grad_norm(gs, ms).to(shard_device).float().square()
+                sq = sq + grad_norm(gs, _mask_arg(ms)).to(shard_device).float().square()
             torch.distributed.all_reduce(sq, group=group)
             norms.append(sq.sqrt())
         first = norms[0].device
@@ -333,9 +335,7 @@ class FusedAdamW(torch.optim.Optimizer):
             else:
                 gs = [g for gl in grads for g in gl]
                 ms = [m for plan in plans for m in plan.masks]
-                scale = self._coefficient(
-                    grad_norm(gs, ms if any(m is not None for m in ms) else [])
-                )
+                scale = self._coefficient(grad_norm(gs, _mask_arg(ms)))
         for group, plan, gs in zip(self.param_groups, plans, grads, strict=True):
             plan.update(group, gs, scale)
         return loss
@@ -396,7 +396,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 gs,
                 ms,
                 vs,
-                masks if any(m is not None for m in masks) else [],
+                _mask_arg(masks),
                 float(group["lr"]),
                 beta1,
                 beta2,

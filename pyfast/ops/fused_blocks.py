@@ -397,17 +397,16 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 # What the allowlisted attention forwards add to Llama's: a sliding window handed to the attention
-# function (the expression each stock forward passes, and the same as a function of the module),
-# and q/k norms. stock_attention_matches() checks them against the installed source.
+# function (the expression each stock forward passes) and q/k norms. stock_attention_matches()
+# checks them against the installed source.
 _SLIDING_WINDOW_SOURCE = {
     "MistralAttention": "getattr(self.config, 'sliding_window', None)",
     "Qwen2Attention": "self.sliding_window",
     "Qwen3Attention": "self.sliding_window",
 }
-_SLIDING_WINDOW = {
-    "MistralAttention": lambda m: getattr(m.config, "sliding_window", None),
-    "Qwen2Attention": lambda m: m.sliding_window,
-    "Qwen3Attention": lambda m: m.sliding_window,
+_SLIDING_WINDOW = {  # the same expressions, compiled once into functions of the module
+    name: eval(f"lambda self: {src}")  # noqa: S307 - our own constant source, above
+    for name, src in _SLIDING_WINDOW_SOURCE.items()
 }
 _QK_NORM = ("Qwen3Attention",)
 # Statements of _fused_attention_forward that the stock forward lacks: its own bookkeeping.
