@@ -28,7 +28,11 @@ def _close(name: str, got, want, rtol=1e-5, atol=1e-6) -> bool:
 
 
 def main() -> int:
-    dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")  # "cpu": a dry run here
+    name = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu": a dry run here
+    if len(sys.argv) > 2 or name not in ("cuda", "cpu"):
+        print(f"usage: cuda_sanitize.py [cuda|cpu], got {sys.argv[1:]}", file=sys.stderr)
+        return 2
+    dev = torch.device(name)
     info = pyfast.extension_info()
     if not info.get("compiled") or (
         dev.type == "cuda" and not (torch.cuda.is_available() and info.get("cuda_kernels"))
