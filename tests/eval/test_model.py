@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -232,3 +234,33 @@ def test_segments_need_sdpa(tiny_model, tiny_tokenizer, monkeypatch):
     assert not HFLM(tiny_model, tiny_tokenizer).segmented  # packed rows with a dense mask
     with pytest.raises(ValueError, match="segments need 'sdpa' attention, the model runs 'eager'"):
         HFLM(tiny_model, tiny_tokenizer, segments=True)
+
+
+def test_packed_linear_weights_same_scores_model_left_as_it_was(
+    tiny_model, tiny_tokenizer, monkeypatch
+):
+    from torch import nn
+
+    from pyfast.ops import packed_linear
+
+    if packed_linear.packing_unavailable() is not None:
+        pytest.skip(packed_linear.packing_unavailable())
+    monkeypatch.setattr(packed_linear, "_MIN_MACS", 0)  # the tiny model's calls are small
+    packed = HFLM(tiny_model, tiny_tokenizer, batch_size=4)
+    plain = HFLM(tiny_model, tiny_tokenizer, batch_size=4, pack_weights=False)
+    assert packed.identity["linear_weights"].startswith("oneDNN-packed float32 weights for 15 ")
+    assert plain.identity["linear_weights"] == "off (asked)"
+    for (a, ga), (b, gb) in zip(
+        packed.loglikelihood(REQUESTS), plain.loglikelihood(REQUESTS), strict=True
+    ):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+    gen = [("Question: Which gas do plants absorb?\nAnswer:", {"until": ["\n"], "max_gen_toks": 6})]
+    assert packed.generate_until(gen) == plain.generate_until(gen)
+    # the packs were used (body and head: generation calls the head module) ...
+    assert packed._linears.packed_bytes >= sum(
+        m.weight.numel() * 4 for m in tiny_model.modules() if type(m) is nn.Linear
+    )
+    # ... and the in-memory model keeps its own forwards afterwards
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules() if type(m) is nn.Linear)
+    with pytest.raises(ValueError, match="packed linear weights asked for, but the model has no"):
+        HFLM(copy.deepcopy(tiny_model).to(torch.bfloat16), tiny_tokenizer, pack_weights=True)
