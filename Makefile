@@ -46,7 +46,8 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds
+	$(PY) -m pytest -q benchmarks -o python_files='bench_*.py' --benchmark-enable \
+		--benchmark-columns=median,iqr,rounds
 
 lint: install
 	$(PY) -m pip install -q ruff

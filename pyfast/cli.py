@@ -95,6 +95,14 @@ def _eval(sub):
         action="store_true",
         help="reuse the generations cached in --output by an interrupted run",
     )
+    p.add_argument(
+        "--pack-weights",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run float32 CPU linear layers on oneDNN-packed weight copies (faster, one more "
+        "copy of those weights in memory); auto: where oneDNN serves and they fit in half the "
+        "available memory (default auto)",
+    )
 
     from pyfast.eval.bench_tasks import add_arguments
 
@@ -135,6 +143,7 @@ def _eval(sub):
             output=args.output,
             resume=args.resume,
             task_options=options_from_args(args),
+            pack_weights={"auto": None, "on": True, "off": False}[args.pack_weights],
         )
         if out["config"]["world_size"] > 1:
             import torch.distributed as dist

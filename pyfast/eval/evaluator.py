@@ -17,7 +17,7 @@ from pyfast.eval.generation import normalize_gen_kwargs, parse_gen_kwargs
 from pyfast.eval.model import HFLM, LM
 
 
-def _as_lm(model, tokenizer, batch_size, device, dtype, max_length) -> LM:
+def _as_lm(model, tokenizer, batch_size, device, dtype, max_length, pack_weights) -> LM:
     if isinstance(model, LM):
         return model
     return HFLM(
@@ -27,6 +27,7 @@ def _as_lm(model, tokenizer, batch_size, device, dtype, max_length) -> LM:
         device=device,
         dtype=dtype,
         max_length=max_length,
+        pack_weights=pack_weights,
     )
 
 
@@ -106,6 +107,7 @@ def evaluate(
     output: str | None = None,
     resume: bool = False,
     task_options: dict | None = None,
+    pack_weights: bool | None = None,
 ) -> dict:
     """Evaluates `model` on `tasks` (names or groups, e.g. "arc_easy,mmlu,gsm8k").
 
@@ -130,6 +132,8 @@ def evaluate(
             judge_key_env, judge_max_tokens, judge_loader (see pyfast/eval/bench_tasks.py).
         resume: reuse the cached generations of `output` whose prompt and kwargs are unchanged
             (an interrupted run continues where it stopped); without it the cache restarts.
+        pack_weights: float32 CPU linear layers on oneDNN-packed weights (see :class:`HFLM`):
+            None decides by itself, True insists, False keeps torch's F.linear.
 
     Under torchrun (WORLD_SIZE > 1) documents are scored round-robin across the ranks (gloo) and
     gathered, so every rank returns the same complete result.
@@ -165,7 +169,7 @@ def evaluate(
     store = DataStore(data_dir)
     lm = None
     if apply_chat_template:  # the prompts need the tokenizer's template
-        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
+        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length, pack_weights)
 
     prepared = []  # (task, split, docs, contexts, per-doc requests, shots)
     for name in leaves:
@@ -197,7 +201,7 @@ def evaluate(
     t_prep = time.perf_counter() - t0
 
     if lm is None and any(getattr(p[0], "needs_lm", True) for p in prepared):
-        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length)
+        lm = _as_lm(model, tokenizer, batch_size, device, dtype, max_length, pack_weights)
     t1 = time.perf_counter()
     ll_reqs = [r for p in prepared if p[0].request_type == "loglikelihood" for d in p[4] for r in d]
     ll_sizes = [len(d) for p in prepared if p[0].request_type == "loglikelihood" for d in p[4]]
@@ -255,6 +259,7 @@ def evaluate(
             "world_size": _world()[1],
             "apply_chat_template": apply_chat_template,
             "gen_kwargs": overrides,
+            "pack_weights": pack_weights,
         },
         "model": getattr(lm, "identity", {"spec": type(lm).__name__})
         if lm is not None

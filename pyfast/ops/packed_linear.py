@@ -5,15 +5,18 @@ on every call. Inference multiplies by the same weights thousands of times, so t
 packing can be done once: :class:`PackedLinears` keeps a oneDNN-packed copy of each float32
 ``nn.Linear`` weight of a model (``torch.ops.mkldnn._reorder_linear_weight``, made on first use)
 and, while it is entered, the modules' forward runs ``torch.ops.mkldnn._linear_pointwise`` on it
-wherever no gradient is needed. Measured here (benchmarks/bench_eval.py, 2-core AMD EPYC): the
-shapes of SmolLM2-135M's layers at 2,000 tokens run at 221-227 GFLOP/s against 189-204 for
-torch's ``F.linear`` (MKL), 0-shot HellaSwag evaluation 9-10% faster; one-token decoding steps
-gain more (39 against 25 GFLOP/s at one row, 154 against 60 at seven).
+wherever no gradient is needed. Measured here (benchmarks/bench_packed_linear.py, 2-core AMD
+EPYC): SmolLM2-135M's layer shapes at 2,048 rows run at 210-225 GFLOP/s against 170-200 for
+torch's ``F.linear`` (MKL), its 49152-wide head at 1-16 rows (decoding) 1.9-3.2x faster, and
+0-shot HellaSwag evaluation (benchmarks/bench_eval.py) ~10% faster. Calls below ``_MIN_MACS``
+multiply-adds stay with torch, where oneDNN's fixed cost per call loses.
 
 The packed copy costs the weight's size once more in memory, so :func:`packing_plan` packs only
 where the model's float32 linear weights fit in half the available memory. A weight changed in
 place after packing (a training step between two evaluations, ``load_state_dict``) is packed
-again at its next use: each pack remembers the weight's storage and version counter. Results
+again at its next use: each pack remembers the weight's storage and version counter (writes
+through ``weight.data``, which bypass that counter, are not seen: call
+:meth:`PackedLinears.release` after them). Results
 equal ``F.linear``'s to float32 rounding (a different summation order), not bit for bit.
 
 Anything else — gradients wanted, another dtype or device, autocast, ``torch.compile`` — takes
@@ -27,6 +30,7 @@ import os
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
@@ -70,12 +74,13 @@ def _available_memory() -> int | None:
 
 
 def _candidates(model: nn.Module) -> list[nn.Linear]:
-    """The model's plain float32 CPU nn.Linear modules (subclasses and wrappers, e.g. LoRA or
-    quantised layers, keep their own forward)."""
+    """The model's plain float32 CPU nn.Linear modules with plain weights (subclasses and
+    wrappers, e.g. LoRA or quantised layers, keep their own forward; so do sharded weights)."""
     return [
         m
         for m in model.modules()
         if type(m) is nn.Linear
+        and type(m.weight.detach()) is torch.Tensor  # not a DTensor or other subclass
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
@@ -111,11 +116,12 @@ def packing_plan(model: nn.Module, want: bool | None = None) -> tuple[bool, str]
 class _Pack:
     """One module's packed weight, with the storage and version it was made from."""
 
-    __slots__ = ("packed", "ptr", "version")
+    __slots__ = ("packed", "ptr", "version", "out_features")
 
-    def __init__(self):
+    def __init__(self, out_features: int):
         self.packed: Tensor | None = None
         self.ptr = self.version = -1
+        self.out_features = out_features  # for the size rule without touching the module
 
     def weight(self, w: Tensor) -> Tensor:
         if self.packed is None or w.data_ptr() != self.ptr or w._version != self.version:
@@ -132,7 +138,8 @@ def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
     compiling) and has at least ``_MIN_MACS`` multiply-adds; None otherwise (the caller takes
     the stock path)."""
     pack = module.__dict__.get("_pyfast_pack")
-    if pack is None:
+    # cheapest tests first: small decoding calls come back here thousands of times
+    if pack is None or x.numel() * pack.out_features < _MIN_MACS:
         return None
     w, b = module.weight, module.bias
     if (
@@ -141,7 +148,6 @@ def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
         or w.dtype != torch.float32
         or (b is not None and b.dtype != torch.float32)
         or x.shape[-1:] != w.shape[1:]
-        or x.numel() * w.shape[0] < _MIN_MACS
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
     ):
@@ -155,7 +161,7 @@ def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     y = packed_linear(self, x)
-    return y if y is not None else nn.Linear.forward(self, x)
+    return y if y is not None else F.linear(x, self.weight, self.bias)  # nn.Linear.forward
 
 
 class PackedLinears:
@@ -180,7 +186,7 @@ class PackedLinears:
                 continue  # someone else's forward, or another PackedLinears
             entry = self._packs.get(id(m))
             if entry is None or entry[0] is not m:
-                entry = self._packs[id(m)] = (m, _Pack())
+                entry = self._packs[id(m)] = (m, _Pack(m.weight.shape[0]))
             m.__dict__["_pyfast_pack"] = entry[1]
             m.forward = types.MethodType(_forward, m)
             self._installed.append(m)

@@ -99,6 +99,8 @@ def test_cli_eval_writes_outputs(tiny_model_dir, tmp_path, capsys):
             "--log-samples",
             "--num-fewshot",
             "1",
+            "--pack-weights",
+            "off",
         ]
     )
     assert rc == 0
@@ -106,6 +108,8 @@ def test_cli_eval_writes_outputs(tiny_model_dir, tmp_path, capsys):
     assert "| arc_easy | 3 | acc |" in stdout
     res = json.loads((out_dir / "results.json").read_text())
     assert res["config"]["num_fewshot"] == 1 and res["model"]["kind"] == "folder"
+    assert res["config"]["pack_weights"] is False
+    assert res["model"]["linear_weights"] == "off (asked)"
     assert "acc_stderr" in res["results"]["arc_easy"] and res["pyfast_version"]
     assert res["results"]["hellaswag"]["split"] == "train"
     lines = (out_dir / "samples_arc_easy.jsonl").read_text().splitlines()

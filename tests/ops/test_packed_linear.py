@@ -11,6 +11,7 @@ from torch import nn
 
 from pyfast.ops import fused_blocks as fb
 from pyfast.ops import packed_linear as pl
+from pyfast.optim import FusedAdamW
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -92,9 +93,13 @@ def test_autograd_dtype_and_autocast_take_the_stock_forward():
         assert _packed_made(lin, packs)
 
 
-def test_weight_changed_in_place_or_replaced_is_packed_again():
+@pytest.mark.parametrize("optimizer", ["sgd", "pyfast_fused_adamw"])
+def test_weight_changed_in_place_or_replaced_is_packed_again(optimizer):
     lin = nn.Linear(12, 20)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    else:  # the compiled update bumps the params' version counters too
+        opt = FusedAdamW(lin.parameters(), lr=0.5)
     x = torch.randn(4, 12)
     packs = pl.PackedLinears(lin)
     with packs, torch.no_grad():
