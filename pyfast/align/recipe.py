@@ -43,6 +43,7 @@ from pyfast.align.losses import (
 )
 from pyfast.align.reference import model_fingerprint, reference_logps
 from pyfast.io import write_json
+from pyfast.ops.packed_linear import packed_for_inference
 from pyfast.train.data import pad_id_of
 from pyfast.train.recipe import Recipe
 
@@ -232,9 +233,10 @@ class AlignRecipe(Recipe):
             self.model.eval()
             means = _Means()
             try:
-                for batch, counted in self.heldout_batches():
-                    self._means = means if counted else None  # padding batches are not counted
-                    self.heldout_loss(batch)
+                with packed_for_inference(self.model):  # float32 CPU: packed linear weights
+                    for batch, counted in self.heldout_batches():
+                        self._means = means if counted else None  # padding batches: not counted
+                        self.heldout_loss(batch)
                 result = {f"eval_{k}": v for k, v in means.means(self._all_sum).items()}
             finally:
                 self._means = None

@@ -19,6 +19,7 @@ import torch
 from pyfast.align.data import TokenizedPair, collate_shared_prompt, pairs_fingerprint
 from pyfast.align.logps import pair_logps
 from pyfast.io import atomic_write
+from pyfast.ops.packed_linear import packed_for_inference
 
 CACHE_VERSION = "2"
 
@@ -58,13 +59,14 @@ def compute_reference_logps(
     model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (N,) float32 of every chosen and rejected answer under `model` in eval
-    mode (adapters disabled for peft models)."""
+    mode (adapters disabled for peft models; float32 CPU linear layers on packed weights,
+    :func:`pyfast.ops.packed_linear.packed_for_inference`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
     try:
-        with _adapters_off(model):
+        with _adapters_off(model), packed_for_inference(model):
             for i in range(0, len(pairs), batch_size):
                 batch = collate_shared_prompt(pairs[i : i + batch_size], pad_id)
                 lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})

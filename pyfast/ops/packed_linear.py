@@ -211,3 +211,13 @@ class PackedLinears:
     def release(self) -> None:
         """Drops the packed copies (they are made again at the next use)."""
         self._packs.clear()
+
+
+def packed_for_inference(model: nn.Module, want: bool | None = None):
+    """A context for a no-grad pass over `model`: :class:`PackedLinears` where
+    :func:`packing_plan` packs (packed afresh at each use, dropped on exit), else a null
+    context. For passes that see the weights once per call: DPO's reference pass, held-out
+    losses between training steps."""
+    import contextlib
+
+    return PackedLinears(model) if packing_plan(model, want)[0] else contextlib.nullcontext()

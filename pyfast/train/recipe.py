@@ -33,6 +33,7 @@ from torch import nn
 
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
+from pyfast.ops.packed_linear import packed_for_inference
 from pyfast.ops.segments import SegmentedAttention, decoder_hidden, prepare_segments
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
@@ -475,14 +476,15 @@ class Recipe:
         if self.eval_examples:
             self.model.eval()
             loss_sum, weight = 0.0, 0.0
-            for batch, counted in self.heldout_batches():
-                w = self.batch_weight(batch) if counted else 0
-                if w == 0 and not self.fsdp:
-                    continue
-                loss, _ = self.heldout_loss(batch)
-                if w:
-                    loss_sum += float(loss) * w
-                    weight += w
+            with packed_for_inference(self.model):  # float32 CPU: packed linear weights
+                for batch, counted in self.heldout_batches():
+                    w = self.batch_weight(batch) if counted else 0
+                    if w == 0 and not self.fsdp:
+                        continue
+                    loss, _ = self.heldout_loss(batch)
+                    if w:
+                        loss_sum += float(loss) * w
+                        weight += w
             loss_sum, weight = self._all_sum([loss_sum, weight])
             eval_loss = loss_sum / max(weight, 1.0)
             result["eval_loss"] = eval_loss

@@ -146,3 +146,34 @@ def test_gradient_checkpointing_refuses_the_shared_prompt_layout(tokenizer, pair
     b = pair_logps(plain, collate_pairs(pairs[:2], pad))
     assert torch.allclose(a.chosen, b.chosen, atol=1e-5)
     assert torch.allclose(a.rejected, b.rejected, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_pass_on_packed_weights(tiny_model, pairs, tokenizer, monkeypatch, lora):
+    from torch import nn
+
+    from pyfast.align.reference import compute_reference_logps
+    from pyfast.ops import packed_linear as pl
+
+    if pl.packing_unavailable() is not None:
+        pytest.skip(pl.packing_unavailable())
+    pad = tokenizer.eos_token_id
+    model = tiny_model
+    if lora:  # the adapters are off for the reference: the wrapped base layers run packed
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    packed = []
+    stock_weight = pl._Pack.weight
+    monkeypatch.setattr(
+        pl._Pack, "weight", lambda self, w: packed.append(1) or stock_weight(self, w)
+    )
+    monkeypatch.setattr(pl, "_MIN_MACS", 1 << 62)  # every call stays with torch
+    want_c, want_r = compute_reference_logps(model, pairs, pad, batch_size=5)
+    assert not packed
+    monkeypatch.setattr(pl, "_MIN_MACS", 0)  # the tiny model's calls are small: pack them all
+    got_c, got_r = compute_reference_logps(model, pairs, pad, batch_size=5)
+    assert packed  # the packed path ran ...
+    assert torch.allclose(got_c, want_c, rtol=1e-5, atol=1e-4)  # ... to float32 rounding
+    assert torch.allclose(got_r, want_r, rtol=1e-5, atol=1e-4)
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)

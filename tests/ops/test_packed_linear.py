@@ -194,3 +194,16 @@ def test_small_calls_stay_with_torch(monkeypatch):
         assert x.numel() * 192 >= pl._MIN_MACS
         _close(lin(x), x, lin)
         assert _packed_made(lin, packs)
+
+
+def test_packed_for_inference_follows_the_plan():
+    model = nn.Sequential(nn.Linear(16, 16))
+    ctx = pl.packed_for_inference(model)
+    assert isinstance(ctx, pl.PackedLinears)
+    with ctx, torch.no_grad():
+        y = model(x := torch.randn(3, 16))
+    _close(y, x, model[0])
+    assert "forward" not in model[0].__dict__
+    assert not isinstance(pl.packed_for_inference(model, False), pl.PackedLinears)
+    bf16 = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    assert not isinstance(pl.packed_for_inference(bf16), pl.PackedLinears)
