@@ -26,6 +26,7 @@ the module's stock forward. Exiting restores the modules' forward; the packs sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 
@@ -93,11 +94,10 @@ def packing_plan(model: nn.Module, want: bool | None = None) -> tuple[bool, str]
     if want is False:
         return False, "off (asked)"
     mods = _candidates(model)
-    reason = None
-    if not mods:
-        reason = "the model has no float32 nn.Linear layer on the CPU"
-    else:
+    if mods:
         reason = packing_unavailable()
+    else:
+        reason = "the model has no float32 nn.Linear layer on the CPU"
     if reason is None and want is None:
         need = sum(m.weight.numel() * m.weight.element_size() for m in mods)
         avail = _available_memory()
@@ -218,6 +218,4 @@ def packed_for_inference(model: nn.Module, want: bool | None = None):
     :func:`packing_plan` packs (packed afresh at each use, dropped on exit), else a null
     context. For passes that see the weights once per call: DPO's reference pass, held-out
     losses between training steps."""
-    import contextlib
-
     return PackedLinears(model) if packing_plan(model, want)[0] else contextlib.nullcontext()
