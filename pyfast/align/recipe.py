@@ -137,7 +137,7 @@ class AlignRecipe(Recipe):
         with self.autocast():
             chosen, rejected, path, cached = reference_logps(
                 model, pairs, pad_id_of(self.tokenizer), folder, a.reference_batch_size,
-                self._model_key,
+                self._model_key, self._pack,
             )  # fmt: skip
         how = "read from" if cached else "computed, cached in"
         self.log(f"reference log-probs of {len(pairs)} pairs {how} {path}")
@@ -233,7 +233,7 @@ class AlignRecipe(Recipe):
             self.model.eval()
             means = _Means()
             try:
-                with packed_for_inference(self.model):  # float32 CPU: packed linear weights
+                with packed_for_inference(self.model, self._pack):  # float32 CPU: packed
                     for batch, counted in self.heldout_batches():
                         self._means = means if counted else None  # padding batches: not counted
                         self.heldout_loss(batch)

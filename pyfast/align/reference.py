@@ -56,17 +56,21 @@ def _adapters_off(model: torch.nn.Module):
 
 @torch.no_grad()
 def compute_reference_logps(
-    model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 8
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    pad_id: int,
+    batch_size: int = 8,
+    pack_weights: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (N,) float32 of every chosen and rejected answer under `model` in eval
     mode (adapters disabled for peft models; float32 CPU linear layers on packed weights,
-    :func:`pyfast.ops.packed_linear.packed_for_inference`)."""
+    :func:`pyfast.ops.packed_linear.packed_for_inference`; `pack_weights` False: off)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
     try:
-        with _adapters_off(model), packed_for_inference(model):
+        with _adapters_off(model), packed_for_inference(model, pack_weights):
             for i in range(0, len(pairs), batch_size):
                 batch = collate_shared_prompt(pairs[i : i + batch_size], pad_id)
                 lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
@@ -84,6 +88,7 @@ def reference_logps(
     cache_dir: str | Path,
     batch_size: int = 8,
     model_key: str | None = None,
+    pack_weights: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
     """Cached :func:`compute_reference_logps`: returns (chosen, rejected, cache file, was_cached).
 
@@ -101,7 +106,7 @@ def reference_logps(
         t = load_file(str(path))
         if t["chosen"].shape[0] == len(pairs):
             return t["chosen"], t["rejected"], path, True
-    chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size)
+    chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size, pack_weights)
     meta = {"model": model_key, "pairs": str(len(pairs)), "version": CACHE_VERSION}
     atomic_write(
         path,

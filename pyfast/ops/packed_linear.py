@@ -123,6 +123,10 @@ class _Pack:
         self.ptr = self.version = -1
         self.out_features = out_features  # for the size rule without touching the module
 
+    def __deepcopy__(self, memo) -> _Pack:
+        # a copied module (e.g. for a LoRA merge at save time) packs its own weight afresh
+        return _Pack(self.out_features)
+
     def weight(self, w: Tensor) -> Tensor:
         if self.packed is None or w.data_ptr() != self.ptr or w._version != self.version:
             # a normal tensor (usable in and out of inference mode), no autograd history
@@ -219,3 +223,17 @@ def packed_for_inference(model: nn.Module, want: bool | None = None):
     context. For passes that see the weights once per call: DPO's reference pass, held-out
     losses between training steps."""
     return PackedLinears(model) if packing_plan(model, want)[0] else contextlib.nullcontext()
+
+
+def packed_frozen(model: nn.Module, want: bool | None = None):
+    """A context for a training loop over `model`: :class:`PackedLinears` where
+    :func:`packing_plan` packs and some float32 CPU linear layer is frozen, else a null context.
+    Gradients on: a call runs packed only where nothing in it needs autograd — a frozen layer whose
+    input does not need a gradient either, i.e. the frozen blocks below the first trainable one in
+    transfer learning, whose packs stay valid for the whole run. Everything else (trainable
+    layers, frozen layers above a trainable one, whose input gradient is needed) takes torch's
+    forward as usual."""
+    frozen = any(not m.weight.requires_grad for m in _candidates(model))
+    if frozen and packing_plan(model, want)[0]:
+        return PackedLinears(model)
+    return contextlib.nullcontext()

@@ -38,6 +38,11 @@ class ModelConfig:
     # target, attention kept within rows (models on transformers' "sdpa" attention without
     # sliding windows; others run the padded batch). Same loss, fewer tokens.
     padding_free: bool = True
+    # float32 CPU linear layers on oneDNN-packed copies of their weights wherever nothing needs
+    # their gradient: the frozen blocks below the trainable ones, held-out losses, benchmark
+    # scoring, DPO's reference pass (pyfast.ops.packed_linear; only where the copies fit in half
+    # the available memory). false: torch's F.linear everywhere, no copies.
+    pack_weights: bool = True
 
 
 @dataclass

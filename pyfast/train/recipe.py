@@ -33,7 +33,7 @@ from torch import nn
 
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
-from pyfast.ops.packed_linear import packed_for_inference
+from pyfast.ops.packed_linear import packed_for_inference, packed_frozen
 from pyfast.ops.segments import SegmentedAttention, decoder_hidden, prepare_segments
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
@@ -476,7 +476,7 @@ class Recipe:
         if self.eval_examples:
             self.model.eval()
             loss_sum, weight = 0.0, 0.0
-            with packed_for_inference(self.model):  # float32 CPU: packed linear weights
+            with packed_for_inference(self.model, self._pack):  # float32 CPU: packed weights
                 for batch, counted in self.heldout_batches():
                     w = self.batch_weight(batch) if counted else 0
                     if w == 0 and not self.fsdp:
@@ -494,6 +494,11 @@ class Recipe:
             result.update(self.evaluate_tasks())
         return result
 
+    @property
+    def _pack(self) -> bool | None:
+        """`want` for pyfast.ops.packed_linear's plans: None (decide by memory) or False (off)."""
+        return None if self.cfg.model.pack_weights else False
+
     def evaluate_tasks(self) -> dict:
         """Benchmark scores of the current model through :func:`pyfast.eval.evaluate`."""
         from pyfast.eval import evaluate
@@ -508,6 +513,7 @@ class Recipe:
             split=e.tasks_split,
             limit=e.tasks_limit,
             batch_size=e.batch_size,
+            pack_weights=self._pack,
         )
         self.model.train()
         scores = {}
@@ -661,29 +667,30 @@ class Recipe:
             self.record(entry)
             self.after_eval(entry)
         try:
-            while self.step < self.total_steps:
-                m = self.train_step()
-                tokens_done += m["tokens"]
-                elapsed = time.perf_counter() - t0
-                m["tokens_per_s"] = tokens_done / max(elapsed, 1e-9)
-                stop = False
-                last = self.step == self.total_steps
-                if self.eval_examples or cfg.eval.tasks:
-                    if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
-                        m.update(self.evaluate_heldout())
-                        stop = self.after_eval(m)
-                if self.step % cfg.log_every == 0 or "eval_loss" in m or last or stop:
-                    self.record(m)
-                if bar is not None:
-                    post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
-                    if "eval_loss" in m:
-                        post["eval"] = f"{m['eval_loss']:.4f}"
-                    bar.set_postfix(post)
-                    bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
-                    self.save_checkpoint()
-                if stop:
-                    break
+            with packed_frozen(self.model, self._pack):  # frozen bottom blocks: packed weights
+                while self.step < self.total_steps:
+                    m = self.train_step()
+                    tokens_done += m["tokens"]
+                    elapsed = time.perf_counter() - t0
+                    m["tokens_per_s"] = tokens_done / max(elapsed, 1e-9)
+                    stop = False
+                    last = self.step == self.total_steps
+                    if self.eval_examples or cfg.eval.tasks:
+                        if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+                            m.update(self.evaluate_heldout())
+                            stop = self.after_eval(m)
+                    if self.step % cfg.log_every == 0 or "eval_loss" in m or last or stop:
+                        self.record(m)
+                    if bar is not None:
+                        post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+                        if "eval_loss" in m:
+                            post["eval"] = f"{m['eval_loss']:.4f}"
+                        bar.set_postfix(post)
+                        bar.update(1)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                        self.save_checkpoint()
+                    if stop:
+                        break
         except TrainingStopped as exc:
             self.stop_reason = str(exc)
             if bar is not None:

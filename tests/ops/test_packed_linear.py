@@ -207,3 +207,31 @@ def test_packed_for_inference_follows_the_plan():
     assert not isinstance(pl.packed_for_inference(model, False), pl.PackedLinears)
     bf16 = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     assert not isinstance(pl.packed_for_inference(bf16), pl.PackedLinears)
+
+
+def test_packed_frozen_only_where_something_is_frozen():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    assert not isinstance(pl.packed_frozen(model), pl.PackedLinears)  # all trainable
+    model[0].requires_grad_(False)
+    packs = pl.packed_frozen(model)
+    assert isinstance(packs, pl.PackedLinears)
+    x = torch.randn(3, 16)
+    with packs:  # gradients on: the frozen first layer runs packed, the trainable one does not
+        y = model(x)
+        y.sum().backward()
+    assert _packed_made(model[0], packs) and not _packed_made(model[1], packs)
+    assert model[1].weight.grad is not None and model[0].weight.grad is None
+    _close(model[0](x).detach(), x, model[0])
+
+
+def test_deepcopy_inside_packs_its_own_weights():
+    model = nn.Sequential(nn.Linear(16, 16))
+    x = torch.randn(3, 16)
+    with pl.PackedLinears(model) as packs, torch.no_grad():
+        model(x)
+        twin = copy.deepcopy(model)  # as a LoRA merge at save time does
+        with torch.no_grad():
+            twin[0].weight.mul_(2)
+        _close(twin(x), x, twin[0])
+        _close(model(x), x, model[0])
+    assert _packed_made(model[0], packs)

@@ -316,3 +316,44 @@ def test_padding_free_run_equals_padded_run_and_fails_loudly(base_overrides, tmp
             recipe.compute_loss(recipe.model, batch)
     finally:
         del body.forward
+
+
+def test_frozen_bottom_blocks_run_on_packed_weights(base_overrides, tmp_path, monkeypatch):
+    from torch import nn
+
+    from pyfast.ops import packed_linear as pl
+
+    if pl.packing_unavailable() is not None:
+        pytest.skip(pl.packing_unavailable())
+    monkeypatch.setattr(pl, "_MIN_MACS", 0)  # the tiny model's calls are small: pack them all
+    in_training: list[int] = []  # weights packed while gradients were on (training steps)
+    stock_weight = pl._Pack.weight
+
+    def weight(self, w):
+        if torch.is_grad_enabled():
+            in_training.append(w.data_ptr())
+        return stock_weight(self, w)
+
+    monkeypatch.setattr(pl._Pack, "weight", weight)
+    runs = []
+    for on in (False, True):  # model.pack_weights: false is torch's F.linear throughout
+        overrides = [*base_overrides, "freeze.top_blocks=1", "eval.every=2", "max_steps=4",
+                     "save_final=false", f"model.pack_weights={str(on).lower()}",
+                     f"output_dir={tmp_path / str(on)}"]  # fmt: skip
+        r = Recipe(load_config(None, overrides))
+        r.run()
+        runs.append(r)
+        assert bool(in_training) == on
+    plain, packed = runs
+    layers = packed.model.model.layers
+    bottom, top = layers[0].mlp.down_proj, layers[-1].mlp.down_proj
+    assert not bottom.weight.requires_grad and top.weight.requires_grad
+    # the frozen block below the trainable one ran packed in the training steps, the trainable
+    # one never did with gradients on
+    assert bottom.weight.data_ptr() in in_training and top.weight.data_ptr() not in in_training
+    la = [h["loss"] for h in plain.history if "loss" in h]
+    lb = [h["loss"] for h in packed.history if "loss" in h]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain.model.parameters(), packed.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # the same training
+    assert not any("forward" in m.__dict__ for m in packed.model.modules() if type(m) is nn.Linear)
