@@ -171,7 +171,9 @@ def _forward(self: nn.Linear, x: Tensor) -> Tensor:
 class PackedLinears:
     """Context manager: while entered, the float32 CPU ``nn.Linear`` modules of `model` (plain
     ``nn.Linear`` only, and only those whose forward is not already replaced) run on
-    oneDNN-packed weights without autograd; see the module docstring.
+    oneDNN-packed weights without autograd; see the module docstring. Re-entrant: a nested
+    ``with`` of the same object (a scoring call from inside generation, say) keeps the modules
+    installed until the outermost exit.
 
     >>> with PackedLinears(model):
     ...     logits = model(ids).logits
@@ -181,10 +183,12 @@ class PackedLinears:
         self.model = model
         self._packs: dict[int, tuple[nn.Linear, _Pack]] = {}
         self._installed: list[nn.Linear] = []
+        self._depth = 0
 
     def __enter__(self) -> PackedLinears:
-        if self._installed:
-            raise RuntimeError("PackedLinears is already entered")
+        self._depth += 1
+        if self._depth > 1:
+            return self
         for m in _candidates(self.model):
             if "forward" in m.__dict__ or "_pyfast_pack" in m.__dict__:
                 continue  # someone else's forward, or another PackedLinears
@@ -197,6 +201,9 @@ class PackedLinears:
         return self
 
     def __exit__(self, *exc) -> bool:
+        self._depth -= 1
+        if self._depth:
+            return False
         for m in self._installed:
             m.__dict__.pop("forward", None)
             m.__dict__.pop("_pyfast_pack", None)
