@@ -1,28 +1,28 @@
-"""nn.Linear layers on oneDNN-packed float32 weights, for CPU inference (scoring, generation).
+"""nn.Linear layers on oneDNN-packed float32 weights on the CPU: inference and frozen layers.
 
-A matmul library reorders ("packs") both operands into the blocked layout of its micro-kernel
-on every call. Inference multiplies by the same weights thousands of times, so the weight's
-packing can be done once: :class:`PackedLinears` keeps a oneDNN-packed copy of each float32
-``nn.Linear`` weight of a model (``torch.ops.mkldnn._reorder_linear_weight``, made on first use)
-and, while it is entered, the modules' forward runs ``torch.ops.mkldnn._linear_pointwise`` on it
-wherever no gradient is needed. Measured here (benchmarks/bench_packed_linear.py, 2-core AMD
-EPYC): SmolLM2-135M's layer shapes at 2,048 rows run at 210-225 GFLOP/s against 170-200 for
-torch's ``F.linear`` (MKL), its 49152-wide head at 1-16 rows (decoding) 1.9-3.2x faster, and
-0-shot HellaSwag evaluation (benchmarks/bench_eval.py) ~10% faster. Calls below ``_MIN_MACS``
-multiply-adds stay with torch, where oneDNN's fixed cost per call loses.
+A matmul library reorders ("packs") both operands into the blocked layout of its micro-kernel on
+every call. Inference multiplies by the same weights thousands of times, so the weight's packing can
+be done once: :class:`PackedLinears` keeps a oneDNN-packed copy of each float32 ``nn.Linear`` weight
+of a model (``torch.ops.mkldnn._reorder_linear_weight``, made on first use) and, while it is
+entered, the modules' forward runs ``torch.ops.mkldnn._linear_pointwise`` on it wherever the weight
+needs no gradient (without autograd; with it, for frozen layers, whose input gradient then goes
+through the plain weight: LoRA's base layers, frozen blocks). Measured here
+(benchmarks/bench_packed_linear.py, 2-core AMD EPYC): SmolLM2-135M's layer shapes at 2,048 rows run
+at 210-225 GFLOP/s against 170-200 for torch's ``F.linear`` (MKL), its 49152-wide head at 1-16 rows
+(decoding) 1.9-3.2x faster, and 0-shot HellaSwag evaluation (benchmarks/bench_eval.py) ~10% faster.
+Calls below ``_MIN_MACS`` multiply-adds stay with torch, where oneDNN's fixed cost per call loses.
 
 The packed copy costs the weight's size once more in memory, so :func:`packing_plan` packs only
-where the model's float32 linear weights fit in half the available memory. A weight changed in
-place after packing (a training step between two evaluations, ``load_state_dict``) is packed
-again at its next use: each pack remembers the weight's storage and version counter (writes
-through ``weight.data``, which bypass that counter, are not seen: call
-:meth:`PackedLinears.release` after them). Results
-equal ``F.linear``'s to float32 rounding (a different summation order), not bit for bit.
+where the model's float32 linear weights fit in half the available memory. A weight changed in place
+after packing (a training step between two evaluations, ``load_state_dict``) is packed again at its
+next use: each pack remembers the weight's storage and version counter (writes through
+``weight.data``, which bypass that counter, are not seen: call :meth:`PackedLinears.release` after
+them). Results equal ``F.linear``'s to float32 rounding (a different summation order), not bit for
+bit.
 
-Anything else — gradients wanted, another dtype or device, autocast, ``torch.compile`` — takes
-the module's stock forward. Exiting restores the modules' forward; the packs stay with the
-:class:`PackedLinears` object for the next entry.
-"""
+Anything else — a weight or bias that wants its gradient, another dtype or device, autocast,
+``torch.compile`` — takes the module's stock forward. Exiting restores the modules' forward; the
+packs stay with the :class:`PackedLinears` object for the next entry."""
 
 from __future__ import annotations
 
@@ -138,9 +138,10 @@ class _Pack:
 
 def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
     """``module(x)`` on the packed weight where `module` is inside an entered
-    :class:`PackedLinears` and the call needs no autograd (float32 CPU input, no autocast, not
-    compiling) and has at least ``_MIN_MACS`` multiply-adds; None otherwise (the caller takes
-    the stock path)."""
+    :class:`PackedLinears`, its weight and bias need no gradient (x may: then through
+    :class:`_FrozenPackedLinear`), the input is float32 on the CPU (no autocast, not compiling)
+    and the call has at least ``_MIN_MACS`` multiply-adds; None otherwise (the caller takes the
+    stock path)."""
     pack = module.__dict__.get("_pyfast_pack")
     # cheapest tests first: small decoding calls come back here thousands of times
     if pack is None or x.numel() * pack.out_features < _MIN_MACS:
@@ -156,11 +157,28 @@ def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
         or torch.compiler.is_compiling()
     ):
         return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
-    ):
+    if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
         return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        # a frozen layer whose input needs its gradient (LoRA's base layers, frozen blocks above
+        # a trainable one): packed forward, x's gradient through the plain weight
+        return _FrozenPackedLinear.apply(x, w, b, pack.weight(w))
     return torch.ops.mkldnn._linear_pointwise(x, pack.weight(w), b, "none", [], "")
+
+
+class _FrozenPackedLinear(torch.autograd.Function):
+    """y = x @ W.T + b with W and b frozen: forward on the packed weight, backward grad_x =
+    grad_y @ W (keeps W, which is a parameter anyway, and no activation)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight), None, None, None
 
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
@@ -235,11 +253,9 @@ def packed_for_inference(model: nn.Module, want: bool | None = None):
 def packed_frozen(model: nn.Module, want: bool | None = None):
     """A context for a training loop over `model`: :class:`PackedLinears` where
     :func:`packing_plan` packs and some float32 CPU linear layer is frozen, else a null context.
-    Gradients on: a call runs packed only where nothing in it needs autograd — a frozen layer whose
-    input does not need a gradient either, i.e. the frozen blocks below the first trainable one in
-    transfer learning, whose packs stay valid for the whole run. Everything else (trainable
-    layers, frozen layers above a trainable one, whose input gradient is needed) takes torch's
-    forward as usual."""
+    Gradients on, a frozen layer runs its forward packed — the frozen blocks of transfer learning,
+    LoRA's base layers — and its packs stay valid for the whole run; where its input needs a
+    gradient, that goes through the plain weight. Trainable layers take torch's forward."""
     frozen = any(not m.weight.requires_grad for m in _candidates(model))
     if frozen and packing_plan(model, want)[0]:
         return PackedLinears(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -236,3 +237,45 @@ def test_deepcopy_inside_packs_its_own_weights():
         _close(twin(x), x, twin[0])
         _close(model(x), x, model[0])
     assert _packed_made(model[0], packs)
+
+
+def test_frozen_layer_with_input_gradient_runs_packed_forward():
+    lin = nn.Linear(24, 40).requires_grad_(False)  # frozen, above something trainable
+    x = torch.randn(6, 24, requires_grad=True)
+    want = lin(x)
+    (want * torch.arange(40.0)).sum().backward()
+    want_grad, x.grad = x.grad, None
+    with pl.PackedLinears(lin) as packs:
+        got = lin(x)
+        (got * torch.arange(40.0)).sum().backward()
+    assert _packed_made(lin, packs) and got.grad_fn is not None
+    _close(got.detach(), x.detach(), lin)
+    torch.testing.assert_close(x.grad, want_grad)  # grad_x = grad_y @ W, through the plain W
+    assert lin.weight.grad is None
+
+
+def test_lora_training_step_same_gradients_packed():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(97)
+    ids = torch.randint(0, 97, (2, 9))
+    grads = []
+    for packed in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation both times
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.1)  # non-zero adapters: gradients reach lora_A too
+        ctx = pl.packed_frozen(model) if packed else contextlib.nullcontext()
+        with ctx:
+            model(input_ids=ids, labels=ids).loss.backward()
+        if packed:  # the frozen base projections ran packed, q_proj's under the adapter too
+            assert _packed_made(model.base_model.model.model.layers[1].mlp.down_proj, ctx)
+            assert _packed_made(
+                model.base_model.model.model.layers[1].self_attn.q_proj.base_layer, ctx
+            )
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5)
