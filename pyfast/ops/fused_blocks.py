@@ -47,7 +47,7 @@ from torch import nn
 
 from pyfast._extension import HAS_C
 from pyfast.ops import reference
-from pyfast.ops.packed_linear import packed_linear
+from pyfast.ops.packed_linear import linear_forward, packed_linear
 
 Tensor = torch.Tensor
 
@@ -391,11 +391,7 @@ def _fused_mlp_forward(self, x: Tensor) -> Tensor:
         return type(self).forward(self, x)
     gate = packed_linear(g, x)  # inside PackedLinears, without autograd: packed weights
     if gate is not None:
-        up = packed_linear(u, x)
-        if up is not None:
-            h = _swiglu_fwd_(gate, up)
-            out = packed_linear(d, h)
-            return out if out is not None else d(h)
+        return linear_forward(d, _swiglu_fwd_(gate, linear_forward(u, x)))
     return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias,
                       recompute=getattr(self, "_pyfast_recompute", False))  # fmt: skip
 

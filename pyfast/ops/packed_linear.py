@@ -157,12 +157,13 @@ def packed_linear(module: nn.Module, x: Tensor) -> Tensor | None:
         or torch.compiler.is_compiling()
     ):
         return None
-    if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        # a frozen layer whose input needs its gradient (LoRA's base layers, frozen blocks above
-        # a trainable one): packed forward, x's gradient through the plain weight
-        return _FrozenPackedLinear.apply(x, w, b, pack.weight(w))
+    if torch.is_grad_enabled():
+        if w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if x.requires_grad:
+            # a frozen layer whose input needs its gradient (LoRA's base layers, frozen blocks
+            # above a trainable one): packed forward, x's gradient through the plain weight
+            return _FrozenPackedLinear.apply(x, w, b, pack.weight(w))
     return torch.ops.mkldnn._linear_pointwise(x, pack.weight(w), b, "none", [], "")
 
 
@@ -181,9 +182,11 @@ class _FrozenPackedLinear(torch.autograd.Function):
         return grad.matmul(weight), None, None, None
 
 
-def _forward(self: nn.Linear, x: Tensor) -> Tensor:
+def linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """The forward :class:`PackedLinears` installs: :func:`packed_linear` where it serves the
+    call, else ``nn.Linear.forward``'s ``F.linear``."""
     y = packed_linear(self, x)
-    return y if y is not None else F.linear(x, self.weight, self.bias)  # nn.Linear.forward
+    return y if y is not None else F.linear(x, self.weight, self.bias)
 
 
 class PackedLinears:
@@ -199,7 +202,7 @@ class PackedLinears:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._packs: dict[int, tuple[nn.Linear, _Pack]] = {}
+        self._packs: dict[nn.Linear, _Pack] = {}
         self._installed: list[nn.Linear] = []
         self._depth = 0
 
@@ -210,11 +213,11 @@ class PackedLinears:
         for m in _candidates(self.model):
             if "forward" in m.__dict__ or "_pyfast_pack" in m.__dict__:
                 continue  # someone else's forward, or another PackedLinears
-            entry = self._packs.get(id(m))
-            if entry is None or entry[0] is not m:
-                entry = self._packs[id(m)] = (m, _Pack(m.weight.shape[0]))
-            m.__dict__["_pyfast_pack"] = entry[1]
-            m.forward = types.MethodType(_forward, m)
+            pack = self._packs.get(m)
+            if pack is None:
+                pack = self._packs[m] = _Pack(m.weight.shape[0])
+            m.__dict__["_pyfast_pack"] = pack
+            m.forward = types.MethodType(linear_forward, m)
             self._installed.append(m)
         return self
 
@@ -233,13 +236,14 @@ class PackedLinears:
         """Memory held by the packed copies made so far."""
         return sum(
             p.packed.numel() * p.packed.element_size()
-            for _, p in self._packs.values()
+            for p in self._packs.values()
             if p.packed is not None
         )
 
     def release(self) -> None:
-        """Drops the packed copies (they are made again at the next use)."""
-        self._packs.clear()
+        """Drops the packed copies, also while entered (they are made again at the next use)."""
+        for pack in self._packs.values():
+            pack.packed = None
 
 
 def packed_for_inference(model: nn.Module, want: bool | None = None):
