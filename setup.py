@@ -34,6 +34,7 @@ CPU_SOURCES = [
     "csrc/cpu/linear_token_logprobs.cpp",
     "csrc/cpu/rms_norm.cpp",
     "csrc/cpu/swiglu.cpp",
+    "csrc/cpu/geglu.cpp",
     "csrc/cpu/trie_attention.cpp",
     "csrc/cpu/rotary.cpp",
 ]

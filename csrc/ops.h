@@ -57,6 +57,20 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
                                                        const at::Tensor& up);
 // swiglu_: swiglu written over gate (inference).
 void swiglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up);
+// rms_norm_offset: Gemma-family RMSNorm, (x * rstd) * (offset + weight) rounded once; backward.
+std::tuple<at::Tensor, at::Tensor> rms_norm_offset_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       double eps, double offset);
+std::tuple<at::Tensor, at::Tensor> rms_norm_offset_backward_cpu(const at::Tensor& grad,
+                                                                const at::Tensor& x,
+                                                                const at::Tensor& weight,
+                                                                const at::Tensor& rstd,
+                                                                double offset);
+// geglu: gelu_tanh(gate) * up; geglu_ in place over gate; geglu_backward -> (grad_gate, grad_up).
+at::Tensor geglu_cpu(const at::Tensor& gate, const at::Tensor& up);
+void geglu_inplace_cpu(at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> geglu_backward_cpu(const at::Tensor& grad,
+                                                      const at::Tensor& gate,
+                                                      const at::Tensor& up);
 // trie_attention: attention over one row of depth-first prefix tries, query i seeing key j
 // exactly when j <= i < end[j]; (1, T, H, D) out.
 at::Tensor trie_attention_cpu(const at::Tensor& query, const at::Tensor& key,

@@ -76,6 +76,20 @@ TORCH_LIBRARY(pyfast, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_(Tensor(a!) gate, Tensor up) -> ()");  // written into gate (inference)
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+  // RMSNorm of Gemma-family decoders: y = (x * rstd) * (offset + weight), in float32 (float64 for
+  // float64 x), rounded to x's dtype once, as transformers' GemmaRMSNorm (offset 1.0 there).
+  // weight has x's dtype, or float32 for bfloat16 x; grad_weight has the weight's dtype.
+  m.def(
+      "rms_norm_offset(Tensor x, Tensor weight, float eps, float offset) -> "
+      "(Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_offset_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, "
+      "float offset) -> (Tensor grad_x, Tensor grad_weight)");
+  // GeGLU gate of Gemma-family MLPs: gelu_tanh(gate) * up (torch's F.gelu(approximate="tanh")
+  // rounded to the dtype, then the product), elementwise; backward from gate and up.
+  m.def("geglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("geglu_(Tensor(a!) gate, Tensor up) -> ()");  // written into gate (inference)
+  m.def("geglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
   // Attention (forward) over one unpadded row of prefix tries in depth-first order: query i sees
   // key j exactly when j <= i < end[j]. query (1, H, T, D), key/value (1, KV, T, D) with H a
   // multiple of KV (grouped-query heads share keys); end int64 (T,). Returns (1, T, H, D).

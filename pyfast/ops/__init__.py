@@ -1,7 +1,15 @@
 """Public entry points of the pyfast kernels (torch.ops.pyfast.*), with reference fallbacks."""
 
 from pyfast.ops.fused_adamw import fused_adamw_, grad_norm
-from pyfast.ops.fused_blocks import rms_norm, rotary, swiglu, swiglu_mlp
+from pyfast.ops.fused_blocks import (
+    geglu,
+    gated_mlp,
+    rms_norm,
+    rms_norm_offset,
+    rotary,
+    swiglu,
+    swiglu_mlp,
+)
 from pyfast.ops.grad_mask import grad_mask_
 from pyfast.ops.token_logprobs import (
     causal_lm_loss,
@@ -27,5 +35,8 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "swiglu_mlp",
+    "rms_norm_offset",
+    "geglu",
+    "gated_mlp",
     "rotary",
 ]

@@ -10,6 +10,13 @@
   more matmuls for two (tokens, intermediate) tensors fewer: selective recomputation).
   Without autograd on the CPU, gate(x) and up(x) go into a per-thread scratch buffer reused by
   every call (no fresh 12 MB outputs to fault in per layer).
+- :func:`rms_norm_offset`: ``torch.ops.pyfast.rms_norm_offset`` — Gemma-2/3's RMSNorm (weight
+  applied as ``1 + w``, one rounding at the end), the stock module's bits in float32 / bfloat16.
+- :func:`geglu`: ``gelu_tanh(gate) * up`` (Gemma-2/3's MLP activation) in one pass, torch's bits
+  wherever torch's own gelu runs its SIMD path.
+- :func:`gated_mlp`: :func:`swiglu_mlp` for any gated activation (``"silu"``, ``"gelu_tanh"``) and
+  for Phi-3's fused ``gate_up_proj`` weight (``w_gate_up=``), with the same lean backward and
+  inference workspace; :func:`swiglu_mlp` is its silu case.
 - :func:`rotary`: ``torch.ops.pyfast.rotary`` — transformers' ``apply_rotary_pos_emb`` (``x * cos
   + rotate_half(x) * sin`` for q and k) in one pass over q and k, forward and backward, same bits.
 - :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
@@ -97,6 +104,31 @@ def _swiglu_bwd(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]
     return reference.swiglu_backward(grad, gate, up)
 
 
+def _geglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.ops.pyfast.geglu(gate, up) if _compiled(gate) else reference.geglu(gate, up)
+
+
+def _geglu_fwd_(gate: Tensor, up: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up written over `gate` (a temporary nothing else reads)."""
+    if _compiled(gate) and gate.is_contiguous():
+        torch.ops.pyfast.geglu_(gate, up)
+        return gate
+    return reference.geglu_(gate, up)
+
+
+def _geglu_bwd(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if _compiled(gate):
+        return torch.ops.pyfast.geglu_backward(grad, gate, up)
+    return reference.geglu_backward(grad, gate, up)
+
+
+# The gated activations of gated_mlp: name -> (forward, in-place forward, backward).
+GATED_ACTIVATIONS = {
+    "silu": (_swiglu_fwd, _swiglu_fwd_, _swiglu_bwd),
+    "gelu_tanh": (_geglu_fwd, _geglu_fwd_, _geglu_bwd),
+}
+
+
 def _rotary_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     if _compiled(q):
         return torch.ops.pyfast.rotary(q, k, cos, sin)
@@ -165,6 +197,27 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+def rms_norm_offset(x: Tensor, weight: Tensor, eps: float = 1e-6, offset: float = 1.0) -> Tensor:
+    """``(x * rsqrt(mean(x^2, -1) + eps)) * (offset + weight)`` in float32, cast to x's dtype once:
+    transformers' GemmaRMSNorm / Gemma2RMSNorm / Gemma3RMSNorm (offset 1.0), fused, with the stock
+    module's bits in float32 and bfloat16 (float64 x computes in float64, the stock module in
+    float32). weight: shape (x.shape[-1],), x's dtype or float32 (for bfloat16 x). Differentiable
+    in x and weight (the op's registered autograd: it keeps x and one float per row); the weight
+    gradient has the weight's dtype. Raises RuntimeError naming the argument for bad inputs."""
+    if _compiled(x):
+        return torch.ops.pyfast.rms_norm_offset(x, weight, eps, offset)[0]
+    return reference.rms_norm_offset(x, weight, eps, offset)[0]
+
+
+def geglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``F.gelu(gate, approximate="tanh") * up`` (Gemma's ``act_fn(gate_proj(x)) * up_proj(x)``),
+    fused; gate and up of one shape and dtype (float32 / bfloat16 / float64). Differentiable in
+    both (the op's registered autograd: it keeps gate and up)."""
+    if _compiled(gate):
+        return torch.ops.pyfast.geglu(gate, up)
+    return reference.geglu(gate, up)
+
+
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (``x * cos + rotate_half(x) * sin``,
     cos / sin (B or 1, T, D) broadcast over the heads of q (B, H, T, D) and k (B, KV, T, D)), fused
@@ -184,56 +237,155 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class _SwiGLUMLP(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)); saves x, gate(x), up(x) and recomputes the product."""
+def _gate_up(x, w_gate, w_up, b_gate, b_up, w_gate_up, b_gate_up) -> tuple[Tensor, Tensor]:
+    """gate(x), up(x) from two weights, or from the halves of a fused (2F, D) gate_up weight (one
+    matmul per half: contiguous outputs, the same values as chunking the one fused product)."""
+    if w_gate_up is None:
+        return F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
+    f = w_gate_up.shape[0] // 2
+    bg, bu = (None, None) if b_gate_up is None else (b_gate_up[:f], b_gate_up[f:])
+    return F.linear(x, w_gate_up[:f], bg), F.linear(x, w_gate_up[f:], bu)
+
+
+class _GatedMLP(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)); saves x, gate(x), up(x) (or only x with `recompute`) and
+    recomputes the product in backward."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, recompute):
+    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, w_gate_up, b_gate_up,
+                activation, recompute):  # fmt: skip
+        fwd = GATED_ACTIVATIONS[activation][0]
         # Autocast (if active) applies to these linears as in the stock module.
-        gate = F.linear(x, w_gate, b_gate)
-        up = F.linear(x, w_up, b_up)
-        out = F.linear(_swiglu_fwd(gate, up), w_down, b_down)
+        gate, up = _gate_up(x, w_gate, w_up, b_gate, b_up, w_gate_up, b_gate_up)
+        out = F.linear(fwd(gate, up), w_down, b_down)
         ctx.cdt = gate.dtype  # the compute dtype (bfloat16 under autocast)
-        ctx.recompute = recompute
+        ctx.recompute, ctx.activation = recompute, activation
+        weights = (w_gate, w_up, w_down, w_gate_up)
         if recompute:  # the biases are parameters, kept anyway
-            ctx.save_for_backward(x, w_gate, w_up, w_down, b_gate, b_up)
+            ctx.save_for_backward(x, *weights, b_gate, b_up, b_gate_up)
         else:
-            ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
-        ctx.bias_dtypes = [None if b is None else b.dtype for b in (b_gate, b_up, b_down)]
+            ctx.save_for_backward(x, gate, up, *weights)
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in (b_gate, b_up, b_down, b_gate_up)]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         cdt = ctx.cdt
+        fwd, _, bwd = GATED_ACTIVATIONS[ctx.activation]
         if ctx.recompute:
             # the forward's linears again, on the forward's compute dtype: bit for bit its values
-            x, w_gate, w_up, w_down, b_gate, b_up = ctx.saved_tensors
-            xc = x.to(cdt)
-            gate = F.linear(xc, w_gate.to(cdt), None if b_gate is None else b_gate.to(cdt))
-            up = F.linear(xc, w_up.to(cdt), None if b_up is None else b_up.to(cdt))
+            x, w_gate, w_up, w_down, w_gate_up, b_gate, b_up, b_gate_up = ctx.saved_tensors
+
+            def c(t):
+                return None if t is None else t.to(cdt)
+
+            gate, up = _gate_up(x.to(cdt), c(w_gate), c(w_up), c(b_gate), c(b_up), c(w_gate_up),
+                                c(b_gate_up))  # fmt: skip
         else:
-            x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+            x, gate, up, w_gate, w_up, w_down, w_gate_up = ctx.saved_tensors
         need = ctx.needs_input_grad
         go = grad_out.to(cdt)
-        g_wg = g_wu = g_wd = g_bg = g_bu = g_bd = g_x = None
+        g_wg = g_wu = g_wd = g_bg = g_bu = g_bd = g_x = g_wgu = g_bgu = None
         if need[3]:
-            g_wd = (_flat(go).t() @ _flat(_swiglu_fwd(gate, up))).to(w_down.dtype)
+            g_wd = (_flat(go).t() @ _flat(fwd(gate, up))).to(w_down.dtype)
         if need[6]:
             g_bd = _flat(go).sum(0).to(ctx.bias_dtypes[2])
-        if any(need[i] for i in (0, 1, 2, 4, 5)):
-            d_gate, d_up = _swiglu_bwd((go @ w_down.to(cdt)).contiguous(), gate, up)
-            xc = _flat(x.to(cdt))
-            if need[1]:
-                g_wg = (_flat(d_gate).t() @ xc).to(w_gate.dtype)
-            if need[2]:
-                g_wu = (_flat(d_up).t() @ xc).to(w_up.dtype)
-            if need[4]:
-                g_bg = _flat(d_gate).sum(0).to(ctx.bias_dtypes[0])
-            if need[5]:
-                g_bu = _flat(d_up).sum(0).to(ctx.bias_dtypes[1])
+        if not any(need[i] for i in (0, 1, 2, 4, 5, 7, 8)):
+            return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd, g_wgu, g_bgu, None, None
+        d_gate, d_up = bwd((go @ w_down.to(cdt)).contiguous(), gate, up)
+        xc = _flat(x.to(cdt))
+        if w_gate_up is not None:
+            # as autograd through Phi-3's chunk: one (tokens, 2F) gradient, one matmul each
+            d_gu = torch.cat((_flat(d_gate), _flat(d_up)), -1)
+            if need[7]:
+                g_wgu = (d_gu.t() @ xc).to(w_gate_up.dtype)
+            if need[8]:
+                g_bgu = d_gu.sum(0).to(ctx.bias_dtypes[3])
             if need[0]:
-                g_x = (d_gate @ w_gate.to(cdt)).add_(d_up @ w_up.to(cdt)).to(x.dtype)
-        return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd, None
+                g_x = (d_gu @ w_gate_up.to(cdt)).view(*x.shape[:-1], -1).to(x.dtype)
+            return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd, g_wgu, g_bgu, None, None
+        if need[1]:
+            g_wg = (_flat(d_gate).t() @ xc).to(w_gate.dtype)
+        if need[2]:
+            g_wu = (_flat(d_up).t() @ xc).to(w_up.dtype)
+        if need[4]:
+            g_bg = _flat(d_gate).sum(0).to(ctx.bias_dtypes[0])
+        if need[5]:
+            g_bu = _flat(d_up).sum(0).to(ctx.bias_dtypes[1])
+        if need[0]:
+            g_x = (d_gate @ w_gate.to(cdt)).add_(d_up @ w_up.to(cdt)).to(x.dtype)
+        return g_x, g_wg, g_wu, g_wd, g_bg, g_bu, g_bd, g_wgu, g_bgu, None, None
+
+
+def _check_mlp_args(w_gate, w_up, w_down, b_gate, b_up, w_gate_up, b_gate_up, activation):
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(
+            f"gated_mlp: activation must be one of {sorted(GATED_ACTIVATIONS)}, got {activation!r}"
+        )
+    if w_down is None:
+        raise ValueError("gated_mlp: w_down is required")
+    if w_gate_up is None:
+        if w_gate is None or w_up is None:
+            raise ValueError("gated_mlp: give w_gate and w_up, or w_gate_up (fused, gate first)")
+        if b_gate_up is not None:
+            raise ValueError("gated_mlp: b_gate_up needs w_gate_up")
+        return
+    if w_gate is not None or w_up is not None or b_gate is not None or b_up is not None:
+        raise ValueError(
+            "gated_mlp: w_gate_up (fused) excludes w_gate / w_up / b_gate / b_up; pass b_gate_up"
+        )
+    if w_gate_up.dim() != 2 or w_gate_up.shape[0] % 2:
+        raise ValueError(
+            f"gated_mlp: w_gate_up must have shape (2 * intermediate, hidden), got "
+            f"{tuple(w_gate_up.shape)}"
+        )
+
+
+def gated_mlp(
+    x: Tensor,
+    w_gate: Tensor | None = None,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+    b_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "silu",
+    recompute: bool = False,
+    *,
+    w_gate_up: Tensor | None = None,
+    b_gate_up: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)``:
+    the gated MLP of Llama / Qwen / Mistral (``activation="silu"``), Gemma-2/3
+    (``"gelu_tanh"``: ``F.gelu(approximate="tanh")``) and, with ``w_gate_up`` (shape (2F, D),
+    gate rows first, as Phi-3's ``gate_up_proj``; ``b_gate_up`` its (2F,) bias) in place of w_gate
+    and w_up, Phi-3 (silu). x (..., D), weights (F, D) / (D, F). act(gate) is rounded to the
+    compute dtype before the product, as the stock modules do.
+
+    Backward keeps only x, gate(x) and up(x) — or, with `recompute`, only x (gate(x) and up(x)
+    are computed again in backward; the gradients are the same bits). The fused weight gets one
+    (2F, D) gradient. Without autograd on the CPU, gate(x) and up(x) go into a reused per-thread
+    buffer. Raises ValueError for an unknown activation or an inconsistent weight set."""
+    _check_mlp_args(w_gate, w_up, w_down, b_gate, b_up, w_gate_up, b_gate_up, activation)
+    tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down, w_gate_up, b_gate_up)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _GatedMLP.apply(*tensors, activation, bool(recompute))
+    fwd_ = GATED_ACTIVATIONS[activation][1]
+    if w_gate_up is not None:
+        f = w_gate_up.shape[0] // 2
+        w_gate, w_up = w_gate_up[:f], w_gate_up[f:]
+        if b_gate_up is not None:
+            b_gate, b_up = b_gate_up[:f], b_gate_up[f:]
+    ws = _inference_workspace(x, w_gate, w_up, b_gate, b_up)
+    if ws is not None:  # CPU inference: gate(x) and up(x) into reused buffers
+        gate, up = ws
+        x2 = x.reshape(-1, x.shape[-1])
+        torch.mm(x2, w_gate.t(), out=gate)
+        torch.mm(x2, w_up.t(), out=up)
+        out = F.linear(fwd_(gate, up), w_down, b_down)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    # Inference: the product overwrites gate(x), a fresh temporary (no second buffer).
+    return F.linear(fwd_(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down, b_down)
 
 
 def swiglu_mlp(
@@ -247,22 +399,8 @@ def swiglu_mlp(
     recompute: bool = False,
 ) -> Tensor:
     """``F.linear(silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)``
-    (a Llama MLP), keeping only x, gate(x) and up(x) for backward — or, with `recompute`, only x
-    (gate(x) and up(x) are computed again in backward; the gradients are the same bits)."""
-    tensors = (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SwiGLUMLP.apply(*tensors, bool(recompute))
-    ws = _inference_workspace(x, w_gate, w_up, b_gate, b_up)
-    if ws is not None:  # CPU inference: gate(x) and up(x) into reused buffers
-        gate, up = ws
-        x2 = x.reshape(-1, x.shape[-1])
-        torch.mm(x2, w_gate.t(), out=gate)
-        torch.mm(x2, w_up.t(), out=up)
-        out = F.linear(_swiglu_fwd_(gate, up), w_down, b_down)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    # Inference: the product overwrites gate(x), a fresh temporary (no second buffer).
-    return F.linear(_swiglu_fwd_(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)), w_down,
-                    b_down)  # fmt: skip
+    (a Llama MLP): :func:`gated_mlp` with ``activation="silu"``."""
+    return gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, "silu", recompute)
 
 
 # Scratch memory of the CPU inference MLP, per thread: one buffer for gate(x) and up(x), grown to
@@ -736,3 +874,53 @@ if HAS_C:
         return (*torch.ops.pyfast.rotary_backward(grad_q, grad_k, cos, sin), None, None)
 
     torch.library.register_autograd("pyfast::rotary", _rotary_backward, setup_context=_rotary_setup)
+
+
+if HAS_C:  # the Gemma-family ops: rms_norm_offset, geglu
+
+    @torch.library.register_fake("pyfast::rms_norm_offset")
+    def _rms_norm_offset_fake(x, weight, eps, offset):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=acc)
+
+    @torch.library.register_fake("pyfast::rms_norm_offset_backward")
+    def _rms_norm_offset_backward_fake(grad, x, weight, rstd, offset):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    def _rms_norm_offset_setup(ctx, inputs, output):
+        x, weight, _, offset = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.offset = offset
+        ctx.save_for_backward(x, weight, output[1])
+
+    def _rms_norm_offset_backward(ctx, grad_y, grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.pyfast.rms_norm_offset_backward(
+            grad_y.contiguous(), x, weight, rstd, ctx.offset
+        )
+        return dx, dw, None, None
+
+    torch.library.register_autograd(
+        "pyfast::rms_norm_offset", _rms_norm_offset_backward, setup_context=_rms_norm_offset_setup
+    )
+
+    @torch.library.register_fake("pyfast::geglu")
+    def _geglu_fake(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("pyfast::geglu_")
+    def _geglu_inplace_fake(gate, up):
+        return None
+
+    @torch.library.register_fake("pyfast::geglu_backward")
+    def _geglu_backward_fake(grad, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    def _geglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _geglu_backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.pyfast.geglu_backward(grad.contiguous(), gate, up)
+
+    torch.library.register_autograd("pyfast::geglu", _geglu_backward, setup_context=_geglu_setup)

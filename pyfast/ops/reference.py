@@ -195,3 +195,70 @@ def rotary_backward(
         return g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
 
     return one(grad_q), one(grad_k)
+
+
+def rms_norm_offset(x: Tensor, weight: Tensor, eps: float, offset: float) -> tuple[Tensor, Tensor]:
+    """Gemma-family RMSNorm over the last dim: ((x * rstd) * (offset + weight)) in float32 (float64
+    for float64 x), cast to x's dtype once, and rstd per row, as transformers' GemmaRMSNorm."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * (offset + weight.to(acc))).to(x.dtype), rstd.squeeze(-1)
+
+
+def rms_norm_offset_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float
+) -> tuple[Tensor, Tensor]:
+    """(d/dx, d/dweight) of rms_norm_offset from the saved per-row rstd (n = x * rstd unrounded)."""
+    acc = rstd.dtype
+    xf, r = x.to(acc), rstd.unsqueeze(-1)
+    n = xf * r
+    g = grad.to(acc) * (offset + weight.to(acc))
+    dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    dw = (grad.to(acc) * n).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def geglu(gate: Tensor, up: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up, as transformers' Gemma MLP computes it."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def geglu_(gate: Tensor, up: Tensor) -> Tensor:
+    """geglu written over `gate` (same rounding: gelu in gate's dtype, then the product)."""
+    return gate.copy_(torch.nn.functional.gelu(gate, approximate="tanh")).mul_(up)
+
+
+def geglu_backward(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(d/dgate, d/dup) of geglu, as autograd through the stock module forms them: dup = grad *
+    gelu_tanh(gate), dgate = gelu_tanh'(gate) * (grad * up)."""
+    d_up = grad * torch.nn.functional.gelu(gate, approximate="tanh")
+    d_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+    return d_gate, d_up
+
+
+def gated_mlp(
+    x: Tensor,
+    w_gate: Tensor | None = None,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+    b_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "silu",
+    recompute: bool = False,
+    *,
+    w_gate_up: Tensor | None = None,
+    b_gate_up: Tensor | None = None,
+) -> Tensor:
+    """down(act(gate(x)) * up(x)) as the stock modules write it (Llama/Gemma: two projections;
+    Phi-3: one fused gate_up projection chunked gate first); `recompute` changes nothing here."""
+    fns = {"silu": torch.nn.functional.silu,
+           "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}  # fmt: skip
+    act = fns[activation]
+    linear = torch.nn.functional.linear
+    if w_gate_up is not None:
+        gate, up = linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, w_gate, b_gate), linear(x, w_up, b_up)
+    return linear(act(gate) * up, w_down, b_down)
