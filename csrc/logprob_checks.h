@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace pyfast {
@@ -66,6 +67,14 @@ inline at::Tensor check_row_vector(const char* op, const char* arg, const at::Te
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", arg, " must be floating point, got ",
               t.scalar_type());
   return t.to(acc).contiguous();
+}
+
+// The logit map of the fused head: z = scale * logits, then softcap * tanh(z / softcap) when
+// softcap > 0.
+inline void check_logit_map(const char* op, double scale, double softcap) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op,
+              ": softcap must be finite and >= 0 (0 turns soft-capping off), got ", softcap);
 }
 
 inline void check_linear_args(const char* op, const at::Tensor& hidden, const at::Tensor& weight,

@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -31,18 +32,26 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
                                        const std::optional<at::Tensor>& grad_lse,
                                        const at::Tensor& logits, const at::Tensor& labels,
                                        const at::Tensor& lse, int64_t ignore_index);
-// linear_token_logprobs: the same from hidden states and the lm_head weight, vocabulary-chunked.
+// linear_token_logprobs: the same from hidden states and the lm_head weight, vocabulary-chunked,
+// of the logits mapped by scale and softcap; backward / with_grad compute the grads that
+// output_mask (hidden, weight, bias) asks for, the others come back undefined.
+using LinearGrads =
+    std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+using LinearOutputsWithGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+               std::optional<at::Tensor>, std::optional<at::Tensor>>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& bias, int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cpu(
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double scale, double softcap);
+LinearGrads linear_token_logprobs_backward_cpu(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
-linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index,
+    double scale, double softcap, std::array<bool, 3> output_mask);
+LinearOutputsWithGrads linear_token_logprobs_with_grad_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, const at::Tensor& grad_logprobs,
+    double scale, double softcap, std::array<bool, 3> output_mask);
 // rms_norm: Llama-family RMSNorm (y, per-row rstd); rms_norm_backward -> (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                 double eps);
@@ -99,15 +108,16 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
                                        const at::Tensor& lse, int64_t ignore_index);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& bias, int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cuda(
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double scale, double softcap);
+LinearGrads linear_token_logprobs_backward_cuda(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
-linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                    const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-                                    int64_t ignore_index, const at::Tensor& grad_logprobs);
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index,
+    double scale, double softcap, std::array<bool, 3> output_mask);
+LinearOutputsWithGrads linear_token_logprobs_with_grad_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, const at::Tensor& grad_logprobs,
+    double scale, double softcap, std::array<bool, 3> output_mask);
 #endif
 
 }  // namespace pyfast

@@ -49,21 +49,28 @@ TORCH_LIBRARY(pyfast, m) {
       "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_lse, Tensor logits, "
       "Tensor labels, Tensor lse, int ignore_index) -> Tensor");
   // The same outputs from hidden states (N, D) and the lm_head weight (V, D) (+ bias (V,)),
-  // logits = hidden @ weight.T + bias, computed in vocabulary x row chunks so that no (N, V)
-  // tensor exists in forward or backward.
+  // logits = z(hidden @ weight.T + bias), computed in vocabulary x row chunks so that no (N, V)
+  // tensor exists in forward or backward. z(x) = scale * x, then softcap * tanh(z / softcap) when
+  // softcap > 0 (Gemma-2/3 soft-capping, Granite / Cohere logit scaling), in float32 on the
+  // logits as the matmul rounds them; the defaults leave the logits alone.
   m.def(
       "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias=None, "
-      "int ignore_index=-100) -> (Tensor logprobs, Tensor is_argmax, Tensor lse)");
+      "int ignore_index=-100, float scale=1.0, float softcap=0.0) -> "
+      "(Tensor logprobs, Tensor is_argmax, Tensor lse)");
+  // output_mask: which of grad_hidden, grad_weight, grad_bias to compute (as ATen's *_backward
+  // ops); the others are neither allocated nor computed and come back None.
   m.def(
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_lse, Tensor hidden, "
-      "Tensor weight, Tensor labels, Tensor? bias, Tensor lse, int ignore_index) -> "
-      "(Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
+      "Tensor weight, Tensor labels, Tensor? bias, Tensor lse, int ignore_index, "
+      "float scale=1.0, float softcap=0.0, bool[3] output_mask=[True, True, True]) -> "
+      "(Tensor? grad_hidden, Tensor? grad_weight, Tensor? grad_bias)");
   // Forward outputs plus the gradient of sum(grad_logprobs * logprobs) in the same pass, for
   // callers that know the per-row weights up front (a mean loss): no recomputation later.
   m.def(
       "linear_token_logprobs_with_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
-      "int ignore_index, Tensor grad_logprobs) -> (Tensor logprobs, Tensor is_argmax, "
-      "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor? grad_bias)");
+      "int ignore_index, Tensor grad_logprobs, float scale=1.0, float softcap=0.0, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor logprobs, Tensor is_argmax, "
+      "Tensor lse, Tensor? grad_hidden, Tensor? grad_weight, Tensor? grad_bias)");
 
   // RMSNorm of Llama-family decoders over the last dimension: y = weight * (x * rstd), rstd =
   // 1 / sqrt(mean(x^2) + eps) per row (float32; float64 for float64 x), rounded as transformers'

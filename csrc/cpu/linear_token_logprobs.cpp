@@ -13,6 +13,13 @@
 //   with_grad: for a mean loss the per-row weights a are known up front, so whole-row blocks get
 //             logits -> stats -> G in place -> grad_hidden, grad_weight in one pass: three
 //             matmuls in all, as with materialised logits, instead of four.
+//   logit map: with scale != 1 or softcap > 0 the row passes see z = scale * L, then
+//             softcap * tanh(z / softcap) (Granite, Cohere, Gemma-2/3), computed in fp32 into a
+//             per-thread row scratch (the logits in L stay as the matmul rounded them), and G
+//             gains the chain factor scale * (1 - tanh^2) before the matmuls.
+//   output_mask (backward, with_grad): which of grad_hidden, grad_weight, grad_bias are wanted;
+//             the others are neither allocated nor computed (a frozen lm_head saves the
+//             G.T @ hidden matmul and its (V, D) buffer).
 // Ignored rows are dropped before any matmul (prompt tokens cost nothing) and get zero gradient.
 //
 // Memory: one kRowBlock x kVocabChunk buffer (16 MiB in fp32) plus O(N) row state, instead of the
@@ -70,9 +77,10 @@ at::Tensor chunk_logits(const at::Tensor& flat, const at::Tensor& h, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& bias_in, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias_in, int64_t ignore_index, double scale, double softcap) {
   using namespace cpu;
   check_linear_args(kFwd, hidden, weight, labels_in, bias_in);
+  check_logit_map(kFwd, scale, softcap);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(kFwd, labels_all, V, ignore_index);
@@ -94,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_token_logprobs_cpu", [&] {
     using acc_t = typename StatsOf<scalar_t>::acc;
     using stats_t = typename StatsOf<scalar_t>::type;
+    const LogitMap<acc_t> lm{static_cast<acc_t>(scale), static_cast<acc_t>(softcap)};
     std::vector<stats_t> st(M);
     std::vector<acc_t> x_label(M, 0);
     for (int64_t c0 = 0; c0 < V; c0 += VC) {
@@ -105,12 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
         const at::Tensor L = chunk_logits(flat, h.narrow(0, r0, rb), w, b);
         const scalar_t* x = L.const_data_ptr<scalar_t>();
         at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          std::vector<acc_t> z(lm.identity() ? 0 : vc);  // mapped logits of one row
           for (int64_t k = lo; k < hi; ++k) {
             const int64_t i = r0 + k;
-            const scalar_t* row = x + k * vc;
-            row_stats_update(row, vc, c0, st[i]);
-            const int64_t l = lab[i] - c0;
-            if (l >= 0 && l < vc) x_label[i] = static_cast<acc_t>(row[l]);
+            mapped_row_stats(x + k * vc, vc, c0, lab[i] - c0, lm, z.data(), st[i], x_label[i]);
           }
         });
       }
@@ -120,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
     bool* am = am_v.data_ptr<bool>();
     for (int64_t i = 0; i < M; ++i) {
       ls[i] = stats_lse(st[i]);
-      lp[i] = x_label[i] - ls[i];
+      lp[i] = row_logprob(x_label[i], ls[i]);
       am[i] = st[i].argmax == lab[i];
     }
   });
@@ -131,12 +138,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   return {logprobs, is_argmax, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cpu(
+LinearGrads linear_token_logprobs_backward_cpu(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in, int64_t ignore_index,
+    double scale, double softcap, std::array<bool, 3> output_mask) {
   using namespace cpu;
   check_linear_args(kBwd, hidden, weight, labels_in, bias_in);
+  check_logit_map(kBwd, scale, softcap);
   const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(kBwd, labels_all, V, ignore_index);
@@ -151,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
   at::Tensor hl = has_h ? row_vec("grad_lse", *grad_lse) : at::Tensor();
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
+  const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
+  if (!need_h && !need_w && !need_b) return {std::nullopt, std::nullopt, std::nullopt};
 
   const at::Tensor rows = valid_rows(labels_all, ignore_index);
   const at::Tensor h = rows.defined() ? hidden.index_select(0, rows) : hidden;
@@ -162,25 +173,28 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
   }
   const int64_t M = h.size(0);
   // grad_hidden and grad_bias accumulate over vocabulary chunks: in fp32 for bf16 inputs.
-  at::Tensor gh = at::zeros({M, D}, h.options().dtype(dt == at::kBFloat16 ? acc_dt : dt));
-  at::Tensor grad_weight = at::empty({V, D}, weight.options());
-  at::Tensor gb = has_bias ? at::empty({V}, h.options().dtype(acc_dt)) : at::Tensor();
+  at::Tensor gh = need_h ? at::zeros({M, D}, h.options().dtype(dt == at::kBFloat16 ? acc_dt : dt))
+                         : at::Tensor();
+  at::Tensor grad_weight = need_w ? at::empty({V, D}, weight.options()) : at::Tensor();
+  at::Tensor gb = need_b ? at::empty({V}, h.options().dtype(acc_dt)) : at::Tensor();
+  std::optional<at::Tensor> grad_hidden, grad_weight_out, grad_bias;
   if (M == 0) {
-    grad_weight.zero_();
-    std::optional<at::Tensor> grad_bias;
-    if (has_bias) grad_bias = at::zeros({V}, bias.options());
-    return {at::zeros_like(hidden, at::MemoryFormat::Contiguous), grad_weight, grad_bias};
+    if (need_h) grad_hidden = at::zeros_like(hidden, at::MemoryFormat::Contiguous);
+    if (need_w) grad_weight_out = grad_weight.zero_();
+    if (need_b) grad_bias = at::zeros({V}, bias.options());
+    return {grad_hidden, grad_weight_out, grad_bias};
   }
   const int64_t VC = std::min(V, kVocabChunk), RB = std::min(M, kRowBlock);
   const bool one_block = RB == M;
   const at::Tensor flat = at::empty({RB * VC}, h.options());
   // Per-chunk fp32 accumulator of grad_weight when bf16 partial products must be summed.
-  at::Tensor gw_acc = (dt == at::kBFloat16 && !one_block)
+  at::Tensor gw_acc = (need_w && dt == at::kBFloat16 && !one_block)
                           ? at::empty({VC, D}, h.options().dtype(acc_dt))
                           : at::Tensor();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_token_logprobs_bwd_cpu", [&] {
     using acc_t = typename StatsOf<scalar_t>::acc;
+    const LogitMap<acc_t> lm{static_cast<acc_t>(scale), static_cast<acc_t>(softcap)};
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const acc_t* hp = has_h ? hl.const_data_ptr<acc_t>() : nullptr;
     const acc_t* lp = lse.const_data_ptr<acc_t>();
@@ -188,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
       const int64_t vc = std::min(VC, V - c0);
       const at::Tensor w = weight.narrow(0, c0, vc);
       const at::Tensor b = has_bias ? bias.narrow(0, c0, vc) : at::Tensor();
-      at::Tensor gw = grad_weight.narrow(0, c0, vc);
+      at::Tensor gw = need_w ? grad_weight.narrow(0, c0, vc) : at::Tensor();
       at::Tensor gw_a = gw_acc.defined() ? gw_acc.narrow(0, 0, vc) : gw;
       for (int64_t r0 = 0; r0 < M; r0 += RB) {
         const int64_t rb = std::min(RB, M - r0);
@@ -196,25 +210,30 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
         at::Tensor G = chunk_logits(flat, hr, w, b);
         scalar_t* x = G.data_ptr<scalar_t>();
         at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          std::vector<acc_t> z(lm.identity() ? 0 : vc);  // mapped logits of one row
           for (int64_t k = lo; k < hi; ++k) {
             const int64_t i = r0 + k;
             const acc_t a = gp[i];
             const acc_t coef = (hp ? hp[i] : acc_t(0)) - a;
-            row_grad(x + k * vc, x + k * vc, vc, lp[i], coef, lab[i] - c0, a);
+            mapped_row_grad(x + k * vc, x + k * vc, vc, lp[i], coef, lab[i] - c0, a, lm, z.data());
           }
         });
-        at::Tensor ghr = gh.narrow(0, r0, rb);
-        if (dt == at::kBFloat16) ghr.add_(at::mm(G, w));
-        else ghr.addmm_(G, w);
-        if (r0 == 0) {
-          if (gw_a.scalar_type() == dt) at::mm_out(gw_a, G.t(), hr);
-          else gw_a.copy_(at::mm(G.t(), hr));
-        } else if (gw_a.scalar_type() == dt) {
-          gw_a.addmm_(G.t(), hr);
-        } else {
-          gw_a.add_(at::mm(G.t(), hr));
+        if (need_h) {
+          at::Tensor ghr = gh.narrow(0, r0, rb);
+          if (dt == at::kBFloat16) ghr.add_(at::mm(G, w));
+          else ghr.addmm_(G, w);
         }
-        if (has_bias) {
+        if (need_w) {
+          if (r0 == 0) {
+            if (gw_a.scalar_type() == dt) at::mm_out(gw_a, G.t(), hr);
+            else gw_a.copy_(at::mm(G.t(), hr));
+          } else if (gw_a.scalar_type() == dt) {
+            gw_a.addmm_(G.t(), hr);
+          } else {
+            gw_a.add_(at::mm(G.t(), hr));
+          }
+        }
+        if (need_b) {
           at::Tensor gbc = gb.narrow(0, c0, vc);
           if (r0 == 0) at::sum_out(gbc, G, 0, false, acc_dt);
           else gbc.add_(G.sum(0, false, acc_dt));
@@ -223,30 +242,33 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
       if (gw_acc.defined()) gw.copy_(gw_a);
     }
   });
-  at::Tensor grad_hidden;
-  if (rows.defined()) {
-    grad_hidden = at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-    grad_hidden.index_copy_(0, rows, gh.to(dt));
-  } else {
-    grad_hidden = gh.to(dt);
+  if (need_h) {
+    if (rows.defined()) {
+      grad_hidden =
+          at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+      grad_hidden->index_copy_(0, rows, gh.to(dt));
+    } else {
+      grad_hidden = gh.to(dt);
+    }
   }
-  std::optional<at::Tensor> grad_bias;
-  if (has_bias) grad_bias = gb.to(dt);
-  return {grad_hidden, grad_weight, grad_bias};
+  if (need_w) grad_weight_out = grad_weight;
+  if (need_b) grad_bias = gb.to(dt);
+  return {grad_hidden, grad_weight_out, grad_bias};
 }
 
 // Forward outputs and, in the same pass, the gradient of sum(grad_logprobs * logprobs): for
 // callers that know the per-row weights up front (a mean loss), so the backward's recomputation
 // of the logits is saved. Row blocks span the whole vocabulary (lse must be known before the
 // softmax), sized to kFullRowElems logits: 3 matmuls in all, as with materialised logits.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
-linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                    const at::Tensor& labels_in,
-                                    const std::optional<at::Tensor>& bias_in,
-                                    int64_t ignore_index, const at::Tensor& grad_logprobs) {
+LinearOutputsWithGrads linear_token_logprobs_with_grad_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
+    const std::optional<at::Tensor>& bias_in, int64_t ignore_index,
+    const at::Tensor& grad_logprobs, double scale, double softcap,
+    std::array<bool, 3> output_mask) {
   using namespace cpu;
   constexpr const char* op = "linear_token_logprobs_with_grad";
   check_linear_args(op, hidden, weight, labels_in, bias_in);
+  check_logit_map(op, scale, softcap);
   const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
   const at::Tensor labels_all = labels_in.contiguous();
   check_label_range(op, labels_all, V, ignore_index);
@@ -256,6 +278,8 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
                                             acc_dt);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
+  const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
+  const bool any_grad = need_h || need_w || need_b;
 
   at::Tensor logprobs = at::zeros({N}, hidden.options().dtype(acc_dt));
   at::Tensor is_argmax = at::zeros({N}, hidden.options().dtype(at::kBool));
@@ -266,11 +290,15 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
   at::Tensor g = g_all;
   if (rows.defined()) g = g.index_select(0, rows);
   const int64_t M = h.size(0);
-  at::Tensor gh = at::empty({M, D}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gh = need_h
+                      ? at::empty({M, D}, h.options().memory_format(at::MemoryFormat::Contiguous))
+                      : at::Tensor();
   // grad_weight / grad_bias accumulate over row blocks: fp32 accumulators for bf16.
-  at::Tensor gw = at::zeros({V, D}, weight.options().dtype(dt == at::kBFloat16 ? acc_dt : dt)
-                                        .memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gb = has_bias ? at::zeros({V}, h.options().dtype(acc_dt)) : at::Tensor();
+  at::Tensor gw = need_w ? at::zeros({V, D}, weight.options()
+                                                 .dtype(dt == at::kBFloat16 ? acc_dt : dt)
+                                                 .memory_format(at::MemoryFormat::Contiguous))
+                         : at::Tensor();
+  at::Tensor gb = need_b ? at::zeros({V}, h.options().dtype(acc_dt)) : at::Tensor();
   at::Tensor lp_v = at::empty({M}, logprobs.options()), lse_v = at::empty({M}, lse.options());
   at::Tensor am_v = at::empty({M}, is_argmax.options());
   if (M > 0) {
@@ -279,6 +307,7 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_token_logprobs_with_grad_cpu", [&] {
       using acc_t = typename StatsOf<scalar_t>::acc;
+      const LogitMap<acc_t> lm{static_cast<acc_t>(scale), static_cast<acc_t>(softcap)};
       const acc_t* gp = g.const_data_ptr<acc_t>();
       acc_t* lp = lp_v.data_ptr<acc_t>();
       acc_t* ls = lse_v.data_ptr<acc_t>();
@@ -289,25 +318,41 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
         at::Tensor G = chunk_logits(flat, hr, weight, bias);  // (rb, V)
         scalar_t* x = G.data_ptr<scalar_t>();
         at::parallel_for(0, rb, 1, [&](int64_t lo, int64_t hi) {
+          std::vector<acc_t> z(lm.identity() ? 0 : V);  // mapped logits of one row
           for (int64_t k = lo; k < hi; ++k) {
             const int64_t i = r0 + k;
             scalar_t* row = x + k * V;
-            score_row(row, V, lab[i], ls[i], lp[i], am[i]);
-            row_grad(row, row, V, ls[i], -gp[i], lab[i], gp[i]);
+            if (lm.identity()) {
+              score_row(row, V, lab[i], ls[i], lp[i], am[i]);
+              if (any_grad) row_grad(row, row, V, ls[i], -gp[i], lab[i], gp[i]);
+            } else {
+              map_row(row, z.data(), V, lm);
+              score_row(static_cast<const acc_t*>(z.data()), V, lab[i], ls[i], lp[i], am[i]);
+              if (any_grad) row_grad_mapped(static_cast<const acc_t*>(z.data()), row, V, ls[i],
+                                            -gp[i], lab[i], gp[i], lm);
+            }
           }
         });
-        at::Tensor ghr = gh.narrow(0, r0, rb);
-        at::mm_out(ghr, G, weight);
-        if (gw.scalar_type() == dt) gw.addmm_(G.t(), hr);
-        else gw.add_(at::mm(G.t(), hr));
-        if (has_bias) gb.add_(G.sum(0, false, acc_dt));
+        if (need_h) {
+          at::Tensor ghr = gh.narrow(0, r0, rb);
+          at::mm_out(ghr, G, weight);
+        }
+        if (need_w) {
+          if (gw.scalar_type() == dt) gw.addmm_(G.t(), hr);
+          else gw.add_(at::mm(G.t(), hr));
+        }
+        if (need_b) gb.add_(G.sum(0, false, acc_dt));
       }
     });
   }
-  at::Tensor grad_hidden = gh;
+  std::optional<at::Tensor> grad_hidden, grad_weight, grad_bias;
+  if (need_h) grad_hidden = gh;
   if (rows.defined()) {
-    grad_hidden = at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-    grad_hidden.index_copy_(0, rows, gh);
+    if (need_h) {
+      grad_hidden =
+          at::zeros({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+      grad_hidden->index_copy_(0, rows, gh);
+    }
     logprobs.index_copy_(0, rows, lp_v);
     is_argmax.index_copy_(0, rows, am_v);
     lse.index_copy_(0, rows, lse_v);
@@ -316,9 +361,9 @@ linear_token_logprobs_with_grad_cpu(const at::Tensor& hidden, const at::Tensor& 
     is_argmax = am_v;
     lse = lse_v;
   }
-  std::optional<at::Tensor> grad_bias;
-  if (has_bias) grad_bias = gb.to(dt);
-  return {logprobs, is_argmax, lse, grad_hidden, gw.to(dt), grad_bias};
+  if (need_w) grad_weight = gw.to(dt);
+  if (need_b) grad_bias = gb.to(dt);
+  return {logprobs, is_argmax, lse, grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace pyfast

@@ -9,6 +9,12 @@
 //     written in the logits' dtype (in place over a logits chunk in the linear version).
 //   linear version: logits chunks (row block x vocabulary chunk) from cuBLAS (at::mm) into one
 //     reused buffer; grad_hidden += G @ W_c, grad_weight_c += G^T @ H, so no (N, V) tensor.
+//     With a logit map (scale != 1 or softcap > 0) the row kernels read z = scale * x, then
+//     softcap * tanh(z / softcap), in the accumulation type, and the gradient gains the chain
+//     factor scale * (1 - tanh^2); output_mask leaves out the unwanted matmuls and buffers.
+//   non-finite logits as log_softmax / logsumexp / argmax: NaN anywhere poisons the row (lse and
+//     log p NaN, argmax the first NaN), +inf gives lse +inf and log p NaN, an all -inf row lse
+//     -inf, log p NaN, argmax 0; the gradient of a row with a non-finite lse is NaN.
 //
 // Bytes per element: forward reads each logit once (4 B fp32 / 2 B bf16); backward reads it once
 // and writes the gradient once; per row only a few scalars. Fused because log_softmax + gather
@@ -60,17 +66,29 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-// Merge of two partial statistics; ties in the max keep the smaller column (torch's argmax).
+template <typename acc_t>
+__device__ __forceinline__ bool finite(acc_t x) {
+  return isfinite(x);  // false for NaN and +-inf
+}
+
+// Merge of two partial statistics (m: max, NaN counting as the largest value; s: sum of
+// exp(x - m), meaningful only for a finite m; idx: first column of the max, kNoIndex when the
+// partial saw no column). Ties keep the smaller column (torch's argmax), which also lets an empty
+// partial (-inf, 0, kNoIndex) lose every merge.
 template <typename acc_t>
 __device__ __forceinline__ Stats<acc_t> merge(const Stats<acc_t>& a, const Stats<acc_t>& b) {
-  const acc_t ninf = neg_inf<acc_t>();
-  if (b.m == ninf) return a;
-  if (a.m == ninf) return b;
+  const bool a_nan = isnan(a.m), b_nan = isnan(b.m);
   Stats<acc_t> r;
+  if (a_nan || b_nan) {  // NaN poisons the row; the first NaN is the argmax
+    r.m = a_nan ? a.m : b.m;
+    r.s = 0;
+    r.idx = (a_nan && b_nan) ? (a.idx < b.idx ? a.idx : b.idx) : (a_nan ? a.idx : b.idx);
+    return r;
+  }
   r.m = a.m > b.m ? a.m : b.m;
-  r.s = a.s * dev_exp(a.m - r.m) + b.s * dev_exp(b.m - r.m);
   r.idx = a.m > b.m ? a.idx : (b.m > a.m ? b.idx : (a.idx < b.idx ? a.idx : b.idx));
-  if (a.m != a.m || b.m != b.m) r.m = a.m + b.m;  // NaN poisons the row
+  // exp(-inf - m) = 0 takes care of an all -inf side; +inf or all -inf totals need no sum.
+  r.s = finite(r.m) ? a.s * dev_exp(a.m - r.m) + b.s * dev_exp(b.m - r.m) : acc_t(0);
   return r;
 }
 
@@ -84,18 +102,59 @@ __device__ __forceinline__ Stats<acc_t> shfl_down(const Stats<acc_t>& v, int off
 }
 
 // One element into a thread's running (max, sum exp(x - max), first argmax); columns arrive in
-// increasing order per thread, so a strict > keeps the first maximum.
+// increasing order per thread, so a strict > keeps the first maximum (and the first NaN, or the
+// first column of an all -inf stretch).
 template <typename acc_t>
 __device__ __forceinline__ void online_update(Stats<acc_t>& st, acc_t v, int64_t col) {
-  const acc_t ninf = neg_inf<acc_t>();
-  if (v > st.m) {
-    st.s = (st.m == ninf ? acc_t(0) : st.s * dev_exp(st.m - v)) + acc_t(1);
+  if (isnan(st.m)) return;  // poisoned
+  if (v > st.m || isnan(v)) {
+    st.s = finite(st.m) ? st.s * dev_exp(st.m - v) + acc_t(1) : acc_t(1);
     st.m = v;
     st.idx = col;
-  } else if (st.m != ninf) {
-    st.s += dev_exp(v - st.m);
-  } else if (v != v) {
-    st.m = v;
+  } else {
+    if (st.idx == kNoIndex) st.idx = col;  // v == m == -inf
+    if (finite(st.m)) st.s += dev_exp(v - st.m);
+  }
+}
+
+// lse of the merged statistics and log p(label) from it, as logsumexp / log_softmax: +inf in the
+// row gives lse +inf and log p NaN (inf - inf in log_softmax), NaN gives NaN, an all -inf row
+// lse -inf (and log p = -inf - -inf = NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t stats_lse(const Stats<acc_t>& st) {
+  return finite(st.m) ? st.m + ::log(st.s) : st.m;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t row_logprob(acc_t x_label, acc_t lse) {
+  return lse == -neg_inf<acc_t>() ? lse - lse : x_label - lse;
+}
+
+// The logit map of the fused head: z = scale * x, then softcap * tanh(z / softcap) when
+// softcap > 0; slope = dz/dx = scale * (1 - tanh^2). Identity when not kMapped.
+template <typename acc_t>
+struct LogitMap {
+  acc_t scale;
+  acc_t softcap;
+};
+
+template <bool kMapped, typename acc_t>
+__device__ __forceinline__ acc_t map_logit(const LogitMap<acc_t>& m, acc_t x) {
+  if constexpr (!kMapped) {
+    return x;
+  } else {
+    const acc_t z = x * m.scale;
+    return m.softcap > acc_t(0) ? ::tanh(z / m.softcap) * m.softcap : z;
+  }
+}
+
+template <bool kMapped, typename acc_t>
+__device__ __forceinline__ acc_t map_slope(const LogitMap<acc_t>& m, acc_t z) {
+  if constexpr (!kMapped) {
+    return acc_t(1);
+  } else {
+    if (!(m.softcap > acc_t(0))) return m.scale;
+    const acc_t t = z / m.softcap;
+    return m.scale * ((acc_t(1) - t) * (acc_t(1) + t));
   }
 }
 
@@ -208,12 +267,12 @@ __device__ Stats<acc_t> block_merge(Stats<acc_t> st) {
 // One block per row of a (rows, n) chunk whose first column is col0 in the full vocabulary.
 // With state == nullptr the chunk is the whole row; otherwise statistics merge into the per-row
 // state (first chunk: overwrite), and the last chunk finalises the outputs.
-template <typename T, typename acc_t>
+template <typename T, typename acc_t, bool kMapped>
 __global__ void row_stats_kernel(const T* __restrict__ x, int64_t ld, int64_t n, int64_t col0,
                                  const int64_t* __restrict__ labels, int64_t ignore_index,
                                  Stats<acc_t>* state, acc_t* state_xl, bool first, bool last,
                                  acc_t* __restrict__ logprobs, bool* __restrict__ is_argmax,
-                                 acc_t* __restrict__ lse) {
+                                 acc_t* __restrict__ lse, LogitMap<acc_t> map) {
   const int64_t row = blockIdx.x;
   const int64_t lab = labels[row];
   if (lab == ignore_index) {
@@ -227,7 +286,7 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t ld, int64_t n,
   const T* xr = x + row * ld;
   Stats<acc_t> st{neg_inf<acc_t>(), 0, kNoIndex};
   for_row_elements<T>(xr, n, [&](T v, int64_t j) {
-    online_update(st, static_cast<acc_t>(v), col0 + j);
+    online_update(st, map_logit<kMapped>(map, static_cast<acc_t>(v)), col0 + j);
   });
   st = block_merge(st);
   if (threadIdx.x != 0) return;
@@ -236,11 +295,13 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t ld, int64_t n,
     st = merge(state[row], st);
     xl = state_xl[row];
   }
-  if (lab >= col0 && lab < col0 + n) xl = static_cast<acc_t>(xr[lab - col0]);
+  if (lab >= col0 && lab < col0 + n) {
+    xl = map_logit<kMapped>(map, static_cast<acc_t>(xr[lab - col0]));
+  }
   if (last) {
-    const acc_t l = st.m + ::log(st.s);
+    const acc_t l = stats_lse(st);
     lse[row] = l;
-    logprobs[row] = xl - l;
+    logprobs[row] = row_logprob(xl, l);
     is_argmax[row] = st.idx == lab;
   } else {
     state[row] = st;
@@ -248,13 +309,15 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t ld, int64_t n,
   }
 }
 
-// g = a * onehot + (h - a) * exp(x - lse) over a (rows, n) chunk starting at column col0; ignored
-// rows get zeros. g may alias x (each element is read, then written, by one thread).
-template <typename T, typename acc_t>
+// g = (a * onehot + (h - a) * exp(z - lse)) * dz/dx over a (rows, n) chunk starting at column
+// col0 (z = x without a map); ignored rows get zeros, rows with a non-finite lse NaN. g may alias
+// x (each element is read, then written, by one thread).
+template <typename T, typename acc_t, bool kMapped>
 __global__ void row_grad_kernel(const T* x, int64_t ldx, T* g, int64_t ldg, int64_t n,
                                 int64_t col0, const int64_t* __restrict__ labels,
                                 int64_t ignore_index, const acc_t* __restrict__ grad_logprobs,
-                                const acc_t* __restrict__ grad_lse, const acc_t* __restrict__ lse) {
+                                const acc_t* __restrict__ grad_lse, const acc_t* __restrict__ lse,
+                                LogitMap<acc_t> map) {
   const int64_t row = blockIdx.x;
   const int64_t lab = labels[row];
   T* gr = g + row * ldg;
@@ -262,14 +325,21 @@ __global__ void row_grad_kernel(const T* x, int64_t ldx, T* g, int64_t ldg, int6
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) gr[j] = static_cast<T>(acc_t(0));
     return;
   }
+  const acc_t l = lse[row];
+  if (!finite(l)) {  // NaN, +inf or all -inf logits: NaN, as autograd through log_softmax
+    const T nan = static_cast<T>(l - l);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) gr[j] = nan;
+    return;
+  }
   const T* xr = x + row * ldx;
   const acc_t a = grad_logprobs[row];
   const acc_t coef = (grad_lse != nullptr ? grad_lse[row] : acc_t(0)) - a;
-  const acc_t l = lse[row];
   const int64_t lc = lab - col0;
   map_row_elements<T>(xr, gr, n, [&](T x, int64_t j) {
-    acc_t v = coef * dev_exp(static_cast<acc_t>(x) - l);
+    const acc_t z = map_logit<kMapped>(map, static_cast<acc_t>(x));
+    acc_t v = coef * dev_exp(z - l);
     if (j == lc) v += a;
+    if constexpr (kMapped) v *= map_slope<kMapped>(map, z);
     return static_cast<T>(v);
   });
 }
@@ -277,9 +347,17 @@ __global__ void row_grad_kernel(const T* x, int64_t ldx, T* g, int64_t ldg, int6
 template <typename T>
 using acc_of = at::opmath_type<T>;
 
+// scale and softcap of the logit map as the host passes them (identity: 1 and 0).
+struct MapArgs {
+  double scale = 1.0;
+  double softcap = 0.0;
+  bool identity() const { return scale == 1.0 && softcap == 0.0; }
+};
+
 void launch_stats(const at::Tensor& x, int64_t col0, const at::Tensor& labels, int64_t ii,
                   const at::Tensor& state, const at::Tensor& state_xl, bool first, bool last,
-                  const at::Tensor& logprobs, const at::Tensor& is_argmax, const at::Tensor& lse) {
+                  const at::Tensor& logprobs, const at::Tensor& is_argmax, const at::Tensor& lse,
+                  const MapArgs& map = MapArgs()) {
   const int64_t rows = x.size(0);
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -287,25 +365,32 @@ void launch_stats(const at::Tensor& x, int64_t col0, const at::Tensor& labels, i
     using acc_t = acc_of<scalar_t>;
     Stats<acc_t>* st = state.defined() ? reinterpret_cast<Stats<acc_t>*>(state.data_ptr()) : nullptr;
     acc_t* xl = state_xl.defined() ? state_xl.data_ptr<acc_t>() : nullptr;
-    row_stats_kernel<scalar_t, acc_t><<<rows, kThreads, 0, stream>>>(
+    const LogitMap<acc_t> m{static_cast<acc_t>(map.scale), static_cast<acc_t>(map.softcap)};
+    auto kernel = map.identity() ? row_stats_kernel<scalar_t, acc_t, false>
+                                 : row_stats_kernel<scalar_t, acc_t, true>;
+    kernel<<<rows, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), x.stride(0), x.size(1), col0,
         labels.const_data_ptr<int64_t>(), ii, st, xl, first, last, logprobs.data_ptr<acc_t>(),
-        is_argmax.data_ptr<bool>(), lse.data_ptr<acc_t>());
+        is_argmax.data_ptr<bool>(), lse.data_ptr<acc_t>(), m);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void launch_grad(const at::Tensor& x, const at::Tensor& g, int64_t col0, const at::Tensor& labels,
-                 int64_t ii, const at::Tensor& gl, const at::Tensor& gh, const at::Tensor& lse) {
+                 int64_t ii, const at::Tensor& gl, const at::Tensor& gh, const at::Tensor& lse,
+                 const MapArgs& map = MapArgs()) {
   const int64_t rows = x.size(0);
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "token_logprobs_grad_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
-    row_grad_kernel<scalar_t, acc_t><<<rows, kThreads, 0, stream>>>(
+    const LogitMap<acc_t> m{static_cast<acc_t>(map.scale), static_cast<acc_t>(map.softcap)};
+    auto kernel = map.identity() ? row_grad_kernel<scalar_t, acc_t, false>
+                                 : row_grad_kernel<scalar_t, acc_t, true>;
+    kernel<<<rows, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), x.stride(0), g.data_ptr<scalar_t>(), g.stride(0), x.size(1),
         col0, labels.const_data_ptr<int64_t>(), ii, gl.const_data_ptr<acc_t>(),
-        gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr, lse.const_data_ptr<acc_t>());
+        gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr, lse.const_data_ptr<acc_t>(), m);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -368,9 +453,11 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& bias_in, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias_in, int64_t ignore_index, double scale, double softcap) {
   constexpr const char* op = "linear_token_logprobs";
   check_linear_args(op, hidden, weight, labels_in, bias_in);
+  check_logit_map(op, scale, softcap);
+  const MapArgs map{scale, softcap};
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = hidden.size(0), V = weight.size(0);
@@ -397,18 +484,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cuda(
       launch_stats(L, c0, labels.narrow(0, r0, rb), ignore_index,
                    state.narrow(0, r0 * sb, rb * sb), state_xl.narrow(0, r0, rb), c0 == 0,
                    c0 + vc == V, logprobs.narrow(0, r0, rb), is_argmax.narrow(0, r0, rb),
-                   lse.narrow(0, r0, rb));
+                   lse.narrow(0, r0, rb), map);
     }
   }
   return {logprobs, is_argmax, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logprobs_backward_cuda(
+LinearGrads linear_token_logprobs_backward_cuda(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in, int64_t ignore_index,
+    double scale, double softcap, std::array<bool, 3> output_mask) {
   constexpr const char* op = "linear_token_logprobs_backward";
   check_linear_args(op, hidden, weight, labels_in, bias_in);
+  check_logit_map(op, scale, softcap);
+  const MapArgs map{scale, softcap};
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
@@ -422,12 +512,15 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
                             : at::Tensor();
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? *bias_in : at::Tensor();
+  const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
+  if (!need_h && !need_w && !need_b) return {std::nullopt, std::nullopt, std::nullopt};
   // Accumulators over chunks in fp32 for bf16 inputs.
   const auto accum_dt = dt == at::kBFloat16 ? acc : dt;
-  at::Tensor gh = at::zeros({N, D}, hidden.options().dtype(accum_dt));
-  at::Tensor gw = at::zeros({V, D}, weight.options().dtype(accum_dt)
-                                        .memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gb = has_bias ? at::zeros({V}, hidden.options().dtype(acc)) : at::Tensor();
+  at::Tensor gh = need_h ? at::zeros({N, D}, hidden.options().dtype(accum_dt)) : at::Tensor();
+  at::Tensor gw = need_w ? at::zeros({V, D}, weight.options().dtype(accum_dt)
+                                                 .memory_format(at::MemoryFormat::Contiguous))
+                         : at::Tensor();
+  at::Tensor gb = need_b ? at::zeros({V}, hidden.options().dtype(acc)) : at::Tensor();
   if (N > 0) {
     const int64_t VC = std::min(V, kVocabChunk);
     const int64_t RB = std::max<int64_t>(1, std::min(N, kChunkElems / VC));
@@ -436,37 +529,43 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_token_logpr
       const int64_t vc = std::min(VC, V - c0);
       const at::Tensor w = weight.narrow(0, c0, vc);
       const at::Tensor b = has_bias ? bias.narrow(0, c0, vc) : at::Tensor();
-      at::Tensor gwc = gw.narrow(0, c0, vc);
+      at::Tensor gwc = need_w ? gw.narrow(0, c0, vc) : at::Tensor();
       for (int64_t r0 = 0; r0 < N; r0 += RB) {
         const int64_t rb = std::min(RB, N - r0);
         const at::Tensor hr = hidden.narrow(0, r0, rb);
         at::Tensor G = chunk_logits(flat, hr, w, b);
         launch_grad(G, G, c0, labels.narrow(0, r0, rb), ignore_index, g.narrow(0, r0, rb),
-                    hl.defined() ? hl.narrow(0, r0, rb) : at::Tensor(), lse.narrow(0, r0, rb));
-        at::Tensor ghr = gh.narrow(0, r0, rb);
-        if (accum_dt == dt) {
-          ghr.addmm_(G, w);
-          gwc.addmm_(G.t(), hr);
-        } else {
-          ghr.add_(at::mm(G, w));
-          gwc.add_(at::mm(G.t(), hr));
+                    hl.defined() ? hl.narrow(0, r0, rb) : at::Tensor(), lse.narrow(0, r0, rb),
+                    map);
+        if (need_h) {
+          at::Tensor ghr = gh.narrow(0, r0, rb);
+          if (accum_dt == dt) ghr.addmm_(G, w);
+          else ghr.add_(at::mm(G, w));
         }
-        if (has_bias) gb.narrow(0, c0, vc).add_(G.sum(0, false, acc));
+        if (need_w) {
+          if (accum_dt == dt) gwc.addmm_(G.t(), hr);
+          else gwc.add_(at::mm(G.t(), hr));
+        }
+        if (need_b) gb.narrow(0, c0, vc).add_(G.sum(0, false, acc));
       }
     }
   }
-  std::optional<at::Tensor> grad_bias;
-  if (has_bias) grad_bias = gb.to(dt);
-  return {gh.to(dt), gw.to(dt), grad_bias};
+  std::optional<at::Tensor> grad_hidden, grad_weight, grad_bias;
+  if (need_h) grad_hidden = gh.to(dt);
+  if (need_w) grad_weight = gw.to(dt);
+  if (need_b) grad_bias = gb.to(dt);
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
-linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const at::Tensor& labels_in,
-                                     const std::optional<at::Tensor>& bias_in,
-                                     int64_t ignore_index, const at::Tensor& grad_logprobs) {
+LinearOutputsWithGrads linear_token_logprobs_with_grad_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels_in,
+    const std::optional<at::Tensor>& bias_in, int64_t ignore_index,
+    const at::Tensor& grad_logprobs, double scale, double softcap,
+    std::array<bool, 3> output_mask) {
   constexpr const char* op = "linear_token_logprobs_with_grad";
   check_linear_args(op, hidden, weight, labels_in, bias_in);
+  check_logit_map(op, scale, softcap);
+  const MapArgs map{scale, softcap};
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = hidden.size(0), V = weight.size(0), D = hidden.size(1);
@@ -479,11 +578,16 @@ linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor&
   at::Tensor logprobs = at::empty({N}, hidden.options().dtype(acc));
   at::Tensor is_argmax = at::empty({N}, hidden.options().dtype(at::kBool));
   at::Tensor lse = at::empty({N}, hidden.options().dtype(acc));
-  at::Tensor gh = at::empty({N, D}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
+  const bool any_grad = need_h || need_w || need_b;
+  at::Tensor gh = need_h ? at::empty({N, D}, hidden.options().memory_format(
+                                                 at::MemoryFormat::Contiguous))
+                         : at::Tensor();
   const auto accum_dt = dt == at::kBFloat16 ? acc : dt;
-  at::Tensor gw = at::zeros({V, D}, weight.options().dtype(accum_dt)
-                                        .memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gb = has_bias ? at::zeros({V}, hidden.options().dtype(acc)) : at::Tensor();
+  at::Tensor gw = need_w ? at::zeros({V, D}, weight.options().dtype(accum_dt)
+                                                 .memory_format(at::MemoryFormat::Contiguous))
+                         : at::Tensor();
+  at::Tensor gb = need_b ? at::zeros({V}, hidden.options().dtype(acc)) : at::Tensor();
   if (N > 0) {
     const int64_t RB = std::max<int64_t>(1, std::min(N, kFullRowElems / V));
     const at::Tensor flat = at::empty({RB * V}, hidden.options());
@@ -494,18 +598,25 @@ linear_token_logprobs_with_grad_cuda(const at::Tensor& hidden, const at::Tensor&
       at::Tensor G = chunk_logits(flat, hr, weight, bias);
       const at::Tensor lse_r = lse.narrow(0, r0, rb);
       launch_stats(G, 0, lab, ignore_index, at::Tensor(), at::Tensor(), true, true,
-                   logprobs.narrow(0, r0, rb), is_argmax.narrow(0, r0, rb), lse_r);
-      launch_grad(G, G, 0, lab, ignore_index, g.narrow(0, r0, rb), at::Tensor(), lse_r);
-      at::Tensor ghr = gh.narrow(0, r0, rb);
-      at::mm_out(ghr, G, weight);
-      if (accum_dt == dt) gw.addmm_(G.t(), hr);
-      else gw.add_(at::mm(G.t(), hr));
-      if (has_bias) gb.add_(G.sum(0, false, acc));
+                   logprobs.narrow(0, r0, rb), is_argmax.narrow(0, r0, rb), lse_r, map);
+      if (!any_grad) continue;
+      launch_grad(G, G, 0, lab, ignore_index, g.narrow(0, r0, rb), at::Tensor(), lse_r, map);
+      if (need_h) {
+        at::Tensor ghr = gh.narrow(0, r0, rb);
+        at::mm_out(ghr, G, weight);
+      }
+      if (need_w) {
+        if (accum_dt == dt) gw.addmm_(G.t(), hr);
+        else gw.add_(at::mm(G.t(), hr));
+      }
+      if (need_b) gb.add_(G.sum(0, false, acc));
     }
   }
-  std::optional<at::Tensor> grad_bias;
-  if (has_bias) grad_bias = gb.to(dt);
-  return {logprobs, is_argmax, lse, gh, gw.to(dt), grad_bias};
+  std::optional<at::Tensor> grad_hidden, grad_weight, grad_bias;
+  if (need_h) grad_hidden = gh;
+  if (need_w) grad_weight = gw.to(dt);
+  if (need_b) grad_bias = gb.to(dt);
+  return {logprobs, is_argmax, lse, grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace pyfast

@@ -5,6 +5,8 @@ Cases (each timed side by side in one process, on the same inputs):
                              log_softmax + gather + argmax and cross_entropy(reduction="none")
   hidden-fwd, hidden-fwd+bwd linear_cross_entropy from hidden states (4096, 576) and an lm_head
                              (49152, 576) against matmul + cross_entropy, with and without backward
+  hidden-fwd+bwd-frozen      the same with a frozen head (weight.requires_grad False, as the
+                             shipped training configs have it): only grad_hidden is wanted
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pyfast.ops import linear_cross_entropy, token_logprobs
 
 B, T, V = 16, 256, 49152
 N, D = 4096, 576
-CASES = ("logits-fp32", "logits-bf16", "hidden-fwd", "hidden-fwd+bwd")
+CASES = ("logits-fp32", "logits-bf16", "hidden-fwd", "hidden-fwd+bwd", "hidden-fwd+bwd-frozen")
 
 
 def _logits_case(dtype: torch.dtype, device: torch.device):
@@ -43,10 +45,11 @@ def _logits_case(dtype: torch.dtype, device: torch.device):
     return providers, ["torch-logsoftmax-gather-argmax", "torch-cross-entropy"], moved, 0, 0, None
 
 
-def _hidden_case(backward: bool, device: torch.device):
+def _hidden_case(backward: bool, device: torch.device, frozen_head: bool = False):
     gen = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(N, D, generator=gen).to(device).requires_grad_(backward)
-    weight = (torch.randn(V, D, generator=gen) / D**0.5).to(device).requires_grad_(backward)
+    weight = (torch.randn(V, D, generator=gen) / D**0.5).to(device)
+    weight.requires_grad_(backward and not frozen_head)
     labels = torch.randint(0, V, (N,), generator=gen).to(device)
 
     def make(loss_fn):
@@ -63,8 +66,9 @@ def _hidden_case(backward: bool, device: torch.device):
         "torch-matmul-cross-entropy": make(lambda: F.cross_entropy(hidden @ weight.t(), labels)),
         "pyfast": make(lambda: linear_cross_entropy(hidden, weight, labels)),
     }
-    flops = 2 * N * D * V * (3 if backward else 1)  # the matmuls a loss (and its grads) need
-    outputs = (N * D + V * D) * 4 if backward else 0  # the two gradients
+    # The matmuls a loss (and its grads) need: logits, grad_hidden, grad_weight when not frozen.
+    flops = 2 * N * D * V * ((2 if frozen_head else 3) if backward else 1)
+    outputs = (N * D + (0 if frozen_head else V * D)) * 4 if backward else 0  # the gradients
 
     def drop_grads():  # so that the memory window starts without the previous round's grads
         hidden.grad = weight.grad = None
@@ -78,8 +82,8 @@ def case_setup(case: str, device: torch.device):
         return _logits_case(torch.float32, device)
     if case == "logits-bf16":
         return _logits_case(torch.bfloat16, device)
-    if case in ("hidden-fwd", "hidden-fwd+bwd"):
-        return _hidden_case(case.endswith("bwd"), device)
+    if case in ("hidden-fwd", "hidden-fwd+bwd", "hidden-fwd+bwd-frozen"):
+        return _hidden_case("bwd" in case, device, frozen_head=case.endswith("frozen"))
     raise ValueError(f"unknown log-prob benchmark case {case!r}; known: {CASES}")
 
 

@@ -121,9 +121,19 @@ def linear_token_logprobs(
     labels: Tensor,
     bias: Tensor | None = None,
     ignore_index: int = -100,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """matmul (hidden @ weight.T + bias, in the inputs' dtype) then token_logprobs."""
-    return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, ignore_index)
+    """matmul (hidden @ weight.T + bias, in the inputs' dtype), then, in float32 (float64 for
+    float64 inputs), z = logits * scale and softcap * tanh(z / softcap) when softcap is given
+    (None or 0: none), then token_logprobs of z."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if scale != 1.0 or softcap:
+        logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        logits = logits * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+    return token_logprobs(logits, labels, ignore_index)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,8 @@ One op family serves the SFT loss, DPO/ORPO sequence log-probs and multiple-choi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -74,34 +76,67 @@ def token_logprobs(
     return tuple(o.view(lead) for o in out)
 
 
+def _logit_map(op: str, scale: float, softcap: float | None) -> tuple[float, float]:
+    """(scale, softcap) as the kernels take them: softcap None -> 0.0 (off)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if softcap is None:
+        return float(scale), 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise ValueError(f"{op}: softcap must be None or a positive number, got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(
+            f"{op}: softcap must be None (no soft-capping) or a positive finite number, "
+            f"got {softcap!r}"
+        )
+    return float(scale), float(softcap)
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None = None,
     ignore_index: int = -100,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """token_logprobs of ``hidden @ weight.T + bias`` without forming the (N, V) logits.
+    """token_logprobs of the logits ``z(hidden @ weight.T + bias)``, never forming them.
+
+    ``z(x) = scale * x``, then ``softcap * tanh(z / softcap)`` when ``softcap`` is given: the
+    logit transforms of Gemma-2/3 (``softcap=config.final_logit_softcapping``), Granite
+    (``scale=1 / config.logits_scaling``) and Cohere (``scale=config.logit_scale``). The matmul
+    rounds to the inputs' dtype, scale and cap run in float32 (float64 for float64 inputs): for
+    float32 models exactly what transformers computes; bf16 models in transformers also round
+    the scaled / capped logits to bf16, which the kernel does not.
 
     Args:
         hidden: (..., D) float32, bfloat16 or float64.
         weight: (V, D), hidden's dtype (the lm_head / tied embedding weight).
         labels: (...) int64 in [0, V) or ``ignore_index``.
         bias: optional (V,).
+        scale: finite multiplier of the logits (default 1: none).
+        softcap: None (default) or a positive cap.
 
     Returns:
         As :func:`token_logprobs`. Differentiable w.r.t. hidden, weight and bias; the backward
         recomputes the logits chunk by chunk (peak extra memory: one 2048 x 2048 chunk on CPU,
-        16 MiB in fp32; 4 Mi logits on CUDA).
+        16 MiB in fp32; 4 Mi logits on CUDA) and computes only the gradients autograd asks
+        for (a frozen head costs no weight-gradient matmul or buffer).
+
+    Raises:
+        ValueError for a non-finite scale or a softcap that is not positive and finite, and
+        as :func:`token_logprobs` for bad shapes, dtypes or labels.
     """
     _check_leading("linear_token_logprobs", hidden, "hidden", labels)
+    scale, cap = _logit_map("linear_token_logprobs", scale, softcap)
     lead = labels.shape
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat = labels.reshape(-1)
     if use_kernel(hidden.device):
-        out = torch.ops.pyfast.linear_token_logprobs(h, weight, flat, bias, ignore_index)
+        out = torch.ops.pyfast.linear_token_logprobs(h, weight, flat, bias, ignore_index, scale, cap)
     else:
-        out = reference.linear_token_logprobs(h, weight, flat, bias, ignore_index)
+        out = reference.linear_token_logprobs(h, weight, flat, bias, ignore_index, scale, softcap)
     return tuple(o.view(lead) for o in out)
 
 
@@ -155,17 +190,22 @@ def linear_cross_entropy(
     labels: Tensor,
     bias: Tensor | None = None,
     ignore_index: int = -100,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
-    """:func:`fused_cross_entropy` of ``hidden @ weight.T + bias``, never forming the logits.
+    """:func:`fused_cross_entropy` of the logits ``z(hidden @ weight.T + bias)``, never forming
+    them; ``scale`` and ``softcap`` as in :func:`linear_token_logprobs`.
 
     When a gradient is needed, the compiled kernel is available and the problem is large
     (N * V at least 20 of the CPU kernel's whole-row blocks of 8 Mi logits, so that a block stays
     under 5% of the (N, V) logits; on a GPU at least 2 blocks of 64 Mi), the gradients are
     computed in the forward pass (the loss's per-token weights, -1/count, are known up front) and
     only scaled in backward: the logits are computed once instead of twice. Otherwise backward
-    recomputes them chunk by chunk.
+    recomputes them chunk by chunk. Either way only the gradients of the inputs that require
+    grad are computed (a frozen head: no grad_weight matmul, no (V, D) buffer).
     """
     _check_leading("linear_cross_entropy", hidden, "hidden", labels)
+    scale, cap = _logit_map("linear_cross_entropy", scale, softcap)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
@@ -174,8 +214,10 @@ def linear_cross_entropy(
         labels.numel() * weight.shape[0] >= _MIN_BLOCKS[kind] * _FULL_ROW_ELEMS[kind]
     )
     if wants_grad and large and use_kernel(hidden.device):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
-    logprobs, _, _ = linear_token_logprobs(hidden, weight, labels, bias, ignore_index)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, scale, cap)
+    logprobs, _, _ = linear_token_logprobs(
+        hidden, weight, labels, bias, ignore_index, scale, cap or None
+    )
     return _mean_nll(logprobs, labels, ignore_index)
 
 
@@ -183,17 +225,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean NLL whose gradients come out of the forward pass (linear_token_logprobs_with_grad)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, scale, softcap):
         h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         count = valid.sum().clamp(min=1)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         row_weight = -valid.to(acc) / count  # d loss / d logprob_i
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                bias is not None and bool(ctx.needs_input_grad[2])]  # fmt: skip
         logprobs, _, _, grad_h, grad_w, grad_b = torch.ops.pyfast.linear_token_logprobs_with_grad(
-            h, weight, flat, bias, ignore_index, row_weight
+            h, weight, flat, bias, ignore_index, row_weight, scale, softcap, mask
         )
-        ctx.save_for_backward(grad_h.view(hidden.shape), grad_w, grad_b)
+        if grad_h is not None:
+            grad_h = grad_h.view(hidden.shape)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         return -logprobs.sum() / count
 
     @staticmethod
@@ -201,11 +247,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Scaled in place: fresh copies would double the gradients' memory at the end of
         # backward. A second backward through the same graph then fails autograd's
         # saved-tensor version check instead of returning wrongly scaled gradients.
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        if grad_b is not None:
-            grad_b.mul_(scale)
-        return grad_h.mul_(scale), grad_w.mul_(scale), grad_b, None, None
+        grads = ctx.saved_tensors
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*out, None, None, None, None)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -296,31 +340,34 @@ if HAS_C:
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("pyfast::linear_token_logprobs")
-    def _linear_token_logprobs_fake(hidden, weight, labels, bias=None, ignore_index=-100):
+    def _linear_token_logprobs_fake(hidden, weight, labels, bias=None, ignore_index=-100,
+                                    scale=1.0, softcap=0.0):  # fmt: skip
         n = hidden.shape[0]
         acc = _acc_dtype(hidden.dtype)
         return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=torch.bool),
                 hidden.new_empty((n,), dtype=acc))  # fmt: skip
 
+    def _linear_grads_fake(hidden, weight, bias, output_mask):
+        """The (grad_hidden, grad_weight, grad_bias) that output_mask asks for, None otherwise."""
+        want_h, want_w, want_b = output_mask
+        return (
+            hidden.new_empty(hidden.shape) if want_h else None,
+            weight.new_empty(weight.shape) if want_w else None,
+            bias.new_empty(bias.shape) if want_b and bias is not None else None,
+        )
+
     @torch.library.register_fake("pyfast::linear_token_logprobs_backward")
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_lse, hidden, weight, labels, bias,
-                                             lse, ignore_index):  # fmt: skip
-        grad_bias = None if bias is None else bias.new_empty(bias.shape)
-        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+                                             lse, ignore_index, scale=1.0, softcap=0.0,
+                                             output_mask=(True, True, True)):  # fmt: skip
+        return _linear_grads_fake(hidden, weight, bias, output_mask)
 
     @torch.library.register_fake("pyfast::linear_token_logprobs_with_grad")
     def _linear_token_logprobs_with_grad_fake(hidden, weight, labels, bias, ignore_index,
-                                              grad_logprobs):  # fmt: skip
+                                              grad_logprobs, scale=1.0, softcap=0.0,
+                                              output_mask=(True, True, True)):  # fmt: skip
         lp, am, lse = _linear_token_logprobs_fake(hidden, weight, labels, bias, ignore_index)
-        grad_bias = None if bias is None else bias.new_empty(bias.shape)
-        return (
-            lp,
-            am,
-            lse,
-            hidden.new_empty(hidden.shape),
-            weight.new_empty(weight.shape),
-            grad_bias,
-        )
+        return (lp, am, lse, *_linear_grads_fake(hidden, weight, bias, output_mask))
 
     def _row_grads(grad_logprobs, grad_lse, lse):
         if grad_logprobs is None:
@@ -344,17 +391,19 @@ if HAS_C:
     )
 
     def _linear_setup(ctx, inputs, output):
-        hidden, weight, labels, bias, ignore_index = inputs
+        hidden, weight, labels, bias, ignore_index, scale, softcap = inputs
         ctx.save_for_backward(hidden, weight, labels, bias, output[2])
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.scale, ctx.softcap = ignore_index, scale, softcap
 
     def _linear_backward(ctx, grad_logprobs, grad_is_argmax, grad_lse):
         hidden, weight, labels, bias, lse = ctx.saved_tensors
         g, h = _row_grads(grad_logprobs, grad_lse, lse)
+        need = ctx.needs_input_grad  # (hidden, weight, labels, bias, ignore_index, scale, softcap)
+        mask = [bool(need[0]), bool(need[1]), bias is not None and bool(need[3])]
         grad_hidden, grad_weight, grad_bias = torch.ops.pyfast.linear_token_logprobs_backward(
-            g, h, hidden, weight, labels, bias, lse, ctx.ignore_index
+            g, h, hidden, weight, labels, bias, lse, ctx.ignore_index, ctx.scale, ctx.softcap, mask
         )
-        return grad_hidden, grad_weight, None, grad_bias, None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None
 
     torch.library.register_autograd(
         "pyfast::linear_token_logprobs", _linear_backward, setup_context=_linear_setup

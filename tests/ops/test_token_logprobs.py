@@ -251,3 +251,128 @@ def test_bad_inputs_name_the_argument(device):
             op(logits, labels.int(), -100)
         with pytest.raises(RuntimeError, match=r"token_logprobs: labels\[2\] = 100"):
             op(logits, torch.tensor([0, 1, 100, 2]), -100)
+
+
+# ---- Non-finite logits: the semantics of log_softmax(x.float()).gather / logsumexp / argmax ----
+
+NAN, INF = float("nan"), float("inf")
+
+
+def nonfinite_logits(v, dtype, device):
+    """Rows with NaN / +inf / -inf at the places where lane folding could drop them: column 0,
+    column 1, the last lane of the first AVX2 (7) and AVX-512 (15) vector, the last column of the
+    first 1024-column block and the first of the next, the middle, the scalar tail (V - 1);
+    several NaNs, +inf twice, +inf with NaN, -inf mixed, all -inf. Returns logits, labels (some
+    on the special column, some elsewhere) and the row count."""
+    cols = sorted({c for c in (0, 1, 7, 15, 1023, 1024, v // 2, v - 1) if c < v})
+    rows, labels = [], []
+    gen = torch.Generator().manual_seed(v)
+
+    def add(row, label):
+        rows.append(row)
+        labels.append(label % v)
+
+    for c in cols:
+        base = torch.randn(v, generator=gen) * 3
+        for put, val in (("nan", NAN), ("pinf", INF), ("ninf", -INF)):
+            r = base.clone()
+            r[c] = val
+            add(r, c)
+            add(r.clone(), c + 1)
+        r = base.clone()
+        r[c], r[(c + 5) % v], r[v - 1] = NAN, NAN, NAN  # several NaNs
+        add(r, (c + 5) % v)
+        r = base.clone()
+        r[c], r[(c + 3) % v] = INF, INF  # +inf twice: the first is the argmax
+        add(r, (c + 3) % v)
+        r = base.clone()
+        r[c], r[(c + 2) % v] = INF, NAN  # NaN beats +inf
+        add(r, c)
+        r = base.clone()
+        r[::2] = -INF
+        r[c] = -INF
+        add(r, c)
+        add(r.clone(), 1)
+    add(torch.full((v,), -INF), 0)  # all -inf: argmax 0, lse -inf, log p NaN
+    add(torch.full((v,), -INF), v - 1)
+    add(torch.randn(v, generator=gen), 3)  # an ordinary row stays ordinary
+    logits = torch.stack(rows).to(dtype=dtype, device=device)
+    return logits, torch.tensor(labels, device=device)
+
+
+def assert_same_with_nan(got, want, tol):
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().nonzero(), want.isnan().nonzero())
+    finite = ~want.isnan()
+    torch.testing.assert_close(got[finite].double(), want[finite].double(), **tol)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [3, 17, 1000, 4099, 50257, 151936])
+def test_nonfinite_logits_match_log_softmax(device, dtype, v):
+    logits, labels = nonfinite_logits(v, dtype, device)
+    labels[-1] = -100  # an ignored ordinary row keeps 0, False, 0
+    lp, am, lse = token_logprobs(logits, labels)
+    x = logits.float()
+    safe = labels.clamp(min=0)
+    want_lp = torch.log_softmax(x, -1).gather(-1, safe[:, None])[:, 0]
+    want_lse = torch.logsumexp(x, -1)
+    want_am = logits.argmax(-1) == labels  # torch's argmax: the first NaN, else the first max
+    valid = labels != -100
+    tol = dict(rtol=1e-5, atol=2e-5)
+    assert_same_with_nan(lp[valid], want_lp[valid], tol)
+    assert_same_with_nan(lse[valid], want_lse[valid], tol)
+    assert torch.equal(am, want_am & valid)
+    assert lp[-1] == 0 and lse[-1] == 0 and not am[-1]
+    # The reference twin agrees (it is the fallback without the extension).
+    rlp, ram, rlse = reference.token_logprobs(logits, labels)
+    assert_same_with_nan(lp, rlp, tol)
+    assert_same_with_nan(lse, rlse, tol)
+    assert torch.equal(am, ram)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [17, 1000, 50257])
+def test_nonfinite_logits_backward(device, dtype, v):
+    """NaN gradients on the rows autograd through log_softmax makes NaN (NaN, +inf, all -inf
+    rows), the reference's values elsewhere; ignored rows get zeros whatever their logits."""
+    logits, labels = nonfinite_logits(v, dtype, device)
+    labels[0] = -100  # an ignored NaN row
+    x = logits.clone().requires_grad_()
+    lp, _, lse = token_logprobs(x, labels)
+    g = torch.randn(lp.shape, device=device)
+    h = torch.randn(lp.shape, device=device)
+    (lp * g).sum().backward()
+    xr = logits.float().requires_grad_()
+    valid = labels != -100
+    safe = labels.clamp(min=0)
+    rlp = torch.log_softmax(xr, -1).gather(-1, safe[:, None])[:, 0]
+    (rlp[valid] * g[valid]).sum().backward()
+    want = xr.grad
+    want[~valid] = 0
+    assert torch.equal(x.grad.isnan(), want.isnan())
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    fin = ~want.isnan()
+    torch.testing.assert_close(x.grad.float()[fin], want[fin], **tol)
+    assert (x.grad[0] == 0).all()
+    # Through lse as well: a NaN row's gradient is NaN, an ordinary row's is the softmax.
+    x.grad = None
+    lp, _, lse = token_logprobs(x, labels)
+    ((lp * g).sum() + (lse * h).sum()).backward()
+    nan_rows = ~torch.isfinite(lse) & valid
+    assert x.grad[nan_rows].isnan().all()
+    ok = valid & torch.isfinite(lse)
+    assert not x.grad[ok].isnan().any()
+
+
+@needs_c
+def test_nonfinite_gradcheck_rows_float64():
+    """float64 (the scalar kernel): the same values as the reference on non-finite rows."""
+    logits, labels = nonfinite_logits(1000, torch.float64, "cpu")
+    lp, am, lse = torch.ops.pyfast.token_logprobs(logits, labels, -100)
+    rlp, ram, rlse = reference.token_logprobs(logits, labels)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    assert_same_with_nan(lp, rlp, tol)
+    assert_same_with_nan(lse, rlse, tol)
+    assert torch.equal(am, ram)
