@@ -134,7 +134,8 @@ def linear_token_logprobs(
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat = labels.reshape(-1)
     if use_kernel(hidden.device):
-        out = torch.ops.pyfast.linear_token_logprobs(h, weight, flat, bias, ignore_index, scale, cap)
+        op = torch.ops.pyfast.linear_token_logprobs
+        out = op(h, weight, flat, bias, ignore_index, scale, cap)
     else:
         out = reference.linear_token_logprobs(h, weight, flat, bias, ignore_index, scale, softcap)
     return tuple(o.view(lead) for o in out)
