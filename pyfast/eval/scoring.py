@@ -11,13 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyfast.hf.head import PLAIN, LogitMap, apply_logit_map
 from pyfast.ops import linear_token_logprobs
 
 Tensor = torch.Tensor
 
 
 def target_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, chunk: int = 512
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    chunk: int = 512,
+    logit_map: LogitMap = PLAIN,
 ) -> tuple[Tensor, Tensor]:
     """log p(target) and is-argmax at N positions.
 
@@ -26,6 +32,7 @@ def target_logprobs(
         weight: (V, H) lm_head weight; bias: optional (V,).
         targets: (N,) int64 token ids in [0, V).
         chunk: rows per matmul, bounding the transient logits to (chunk, V).
+        logit_map: the model's transform of its head's output (:mod:`pyfast.hf.head`).
 
     Returns:
         logprob: (N,) float32, log_softmax(hidden @ weight.T + bias)[target] (float32 models:
@@ -40,7 +47,9 @@ def target_logprobs(
         )
     if hidden.dtype == torch.float32:
         # The fused kernel: one pass per vocabulary chunk, no (N, V) logits, fp32 accumulation.
-        logprob, is_argmax, _ = linear_token_logprobs(hidden, weight, targets, bias)
+        logprob, is_argmax, _ = linear_token_logprobs(
+            hidden, weight, targets, bias, scale=logit_map.scale, softcap=logit_map.softcap
+        )
         return logprob, is_argmax
     # Reduced precision: log_softmax in the model dtype, as lm-evaluation-harness computes it.
     n = hidden.shape[0]
@@ -48,7 +57,7 @@ def target_logprobs(
     is_argmax = torch.empty(n, dtype=torch.bool, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        logits = F.linear(hidden[start:end], weight, bias)  # (c, V)
+        logits = apply_logit_map(F.linear(hidden[start:end], weight, bias), logit_map)  # (c, V)
         tgt = targets[start:end].unsqueeze(-1)
         logprob[start:end] = F.log_softmax(logits, dim=-1).gather(-1, tgt).squeeze(-1).float()
         is_argmax[start:end] = logits.argmax(dim=-1) == tgt.squeeze(-1)
@@ -62,6 +71,7 @@ def shared_target_logprobs(
     targets: Tensor,
     bias: Tensor | None = None,
     chunk: int = 512,
+    logit_map: LogitMap = PLAIN,
 ) -> tuple[Tensor, Tensor]:
     """:func:`target_logprobs` of P (row, target) pairs over N hidden rows, where a row may
     carry several targets (the position before a question's choices predicts the first token
@@ -88,7 +98,7 @@ def shared_target_logprobs(
     single = ~many[rows]  # (P,)
     if bool(single.any()):
         logprob[single], is_argmax[single] = target_logprobs(
-            hidden[rows[single]], weight, targets[single], bias, chunk
+            hidden[rows[single]], weight, targets[single], bias, chunk, logit_map
         )
     multi = many.nonzero().squeeze(1)  # rows with several targets
     if multi.numel():
@@ -99,7 +109,8 @@ def shared_target_logprobs(
         for start in range(0, multi.numel(), chunk):
             sel = (at >= start) & (at < start + chunk)
             q, r = pair[sel], at[sel] - start
-            logits = F.linear(hidden[multi[start : start + chunk]], weight, bias)  # (c, V)
+            logits = F.linear(hidden[multi[start : start + chunk]], weight, bias)
+            logits = apply_logit_map(logits, logit_map)  # (c, V)
             if logits.dtype == torch.float32:
                 lse = torch.logsumexp(logits, dim=-1)
                 logprob[q] = logits[r, targets[q]] - lse[r]

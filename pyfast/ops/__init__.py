@@ -2,8 +2,8 @@
 
 from pyfast.ops.fused_adamw import fused_adamw_, grad_norm
 from pyfast.ops.fused_blocks import (
-    geglu,
     gated_mlp,
+    geglu,
     rms_norm,
     rms_norm_offset,
     rotary,
@@ -12,8 +12,6 @@ from pyfast.ops.fused_blocks import (
 )
 from pyfast.ops.grad_mask import grad_mask_
 from pyfast.ops.token_logprobs import (
-    causal_lm_loss,
-    causal_lm_token_logprobs,
     fused_cross_entropy,
     linear_cross_entropy,
     linear_token_logprobs,
@@ -30,8 +28,6 @@ __all__ = [
     "sequence_logprobs",
     "fused_cross_entropy",
     "linear_cross_entropy",
-    "causal_lm_token_logprobs",
-    "causal_lm_loss",
     "rms_norm",
     "swiglu",
     "swiglu_mlp",

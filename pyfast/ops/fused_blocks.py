@@ -265,7 +265,9 @@ class _GatedMLP(torch.autograd.Function):
             ctx.save_for_backward(x, *weights, b_gate, b_up, b_gate_up)
         else:
             ctx.save_for_backward(x, gate, up, *weights)
-        ctx.bias_dtypes = [None if b is None else b.dtype for b in (b_gate, b_up, b_down, b_gate_up)]
+        ctx.bias_dtypes = [
+            None if b is None else b.dtype for b in (b_gate, b_up, b_down, b_gate_up)
+        ]
         return out
 
     @staticmethod

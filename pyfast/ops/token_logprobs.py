@@ -6,10 +6,9 @@ One op family serves the SFT loss, DPO/ORPO sequence log-probs and multiple-choi
   ``is_argmax`` and the row logsumexp (differentiable through log-probs and lse).
 - :func:`sequence_logprobs`: sum per sequence over a continuation mask, plus an all-greedy flag.
 - :func:`fused_cross_entropy` / :func:`linear_cross_entropy`: mean NLL over non-ignored tokens.
-- :func:`causal_lm_token_logprobs` / :func:`causal_lm_loss`: a Hugging Face causal LM's
-  log-probs / loss through the fused head: the decoder body runs, then
-  :func:`linear_token_logprobs` with the output-embedding weight (no (B, T, V) logits, no
-  monkey-patching).
+
+The Hugging Face side (decoder body, then the fused head with the model's logit map) lives in
+:mod:`pyfast.hf.head`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from pyfast._extension import HAS_C
 from pyfast.ops import reference
@@ -251,77 +249,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = ctx.saved_tensors
         out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return (*out, None, None, None, None)
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None:
-        dec = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if dec is None or dec is model:
-        raise TypeError(
-            f"causal_lm: cannot find the decoder body of {type(model).__name__} (expected "
-            "get_decoder() or a base_model_prefix attribute, as Hugging Face causal LMs have)"
-        )
-    return dec
-
-
-def _check_plain_head(model: torch.nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(cfg, key, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"causal_lm: {type(model).__name__} transforms its logits ({key}={value}); "
-                "the fused head only supports logits = hidden @ weight.T + bias"
-            )
-
-
-def causal_lm_token_logprobs(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    labels: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    ignore_index: int = -100,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Next-token log-probs of a Hugging Face causal LM through the fused head.
-
-    Runs the decoder body (``model.get_decoder()``), then :func:`linear_token_logprobs` with
-    ``model.get_output_embeddings()`` (works with tied embeddings). Labels follow Hugging Face's
-    convention: ``labels[:, t]`` is the token at position t, predicted from positions < t (the
-    shift happens here); default ``labels = input_ids``.
-
-    Returns:
-        logprobs (B, T), is_argmax (B, T), lse (B, T), and the shifted labels (B, T): entry t
-        scores token t + 1; the last position (and every ignored label) is ``ignore_index``.
-    """
-    _check_plain_head(model)
-    if labels is None:
-        labels = input_ids
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, D)
-    head = model.get_output_embeddings()
-    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
-    weight = head.weight
-    bias = getattr(head, "bias", None)
-    if weight.dtype != hidden.dtype:
-        hidden = hidden.to(weight.dtype)
-    logprobs, is_argmax, lse = linear_token_logprobs(hidden, weight, shifted, bias, ignore_index)
-    return logprobs, is_argmax, lse, shifted
-
-
-def causal_lm_loss(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    labels: Tensor,
-    attention_mask: Tensor | None = None,
-    ignore_index: int = -100,
-) -> Tensor:
-    """``model(input_ids, labels=labels).loss`` (mean next-token NLL over non-ignored labels),
-    computed without the (B, T, V) logits."""
-    logprobs, _, _, shifted = causal_lm_token_logprobs(
-        model, input_ids, labels, attention_mask, ignore_index
-    )
-    return _mean_nll(logprobs, shifted, ignore_index)
 
 
 if HAS_C:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pyfast.hf.head import logit_map
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
 from pyfast.ops.packed_linear import packed_for_inference, packed_frozen
@@ -187,7 +188,11 @@ class Recipe:
         head = model.get_output_embeddings()
         if hidden.dtype != head.weight.dtype:
             hidden = hidden.to(head.weight.dtype)
-        loss = linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None))
+        m = logit_map(model)  # the model's softcap / scale of its head's output
+        loss = linear_cross_entropy(
+            hidden, head.weight, targets, getattr(head, "bias", None),
+            scale=m.scale, softcap=m.softcap,
+        )  # fmt: skip
         return loss, {}
 
     # -- setup ---------------------------------------------------------------------------------

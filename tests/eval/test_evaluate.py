@@ -141,3 +141,23 @@ def test_cli_ls_tasks(capsys):
     assert main(["ls", "tasks"]) == 0
     out = capsys.readouterr().out
     assert "arc_easy" in out and "mmlu_world_religions" in out and "mmlu_stem" in out
+
+
+def test_nan_loglikelihoods_are_named(tiny_model, tiny_tokenizer):
+    """A document whose choices score NaN is named in the results and in a warning."""
+    lm = HFLM(tiny_model, tiny_tokenizer)
+    real = lm.loglikelihood
+    calls = []
+
+    def poisoned(requests):
+        out = real(requests)
+        calls.append(len(out))
+        return [(float("nan"), False) if i == 5 else a for i, a in enumerate(out)]
+
+    lm.loglikelihood = poisoned
+    with pytest.warns(UserWarning, match=r"arc_easy: 1 of 3 documents have NaN.*doc_id 1"):
+        out = evaluate(lm, "arc_easy", data_dir=DATA, split="validation", limit=3)
+    assert calls and out["results"]["arc_easy"]["nan_documents"] == [1]
+    lm.loglikelihood = real
+    clean = evaluate(lm, "arc_easy", data_dir=DATA, split="validation", limit=3)
+    assert "nan_documents" not in clean["results"]["arc_easy"]

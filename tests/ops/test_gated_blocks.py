@@ -46,7 +46,11 @@ def test_geglu_has_torchs_bits_where_torch_runs_simd(dtype):
     """(4, 256): one chunk of whole SIMD vectors in torch's own kernels, so every element takes
     torch's vectorized path (at::vec's tanh), the one the kernel runs: equal bits, forward and
     backward, against F.gelu(approximate="tanh") * up and autograd through it."""
-    g, u, dh = _rand((4, 256), dtype, 3, 1), _rand((4, 256), dtype, 1, 2), _rand((4, 256), dtype, 1, 3)
+    g, u, dh = (
+        _rand((4, 256), dtype, 3, 1),
+        _rand((4, 256), dtype, 1, 2),
+        _rand((4, 256), dtype, 1, 3),
+    )
     assert torch.equal(torch.ops.pyfast.geglu(g, u), F.gelu(g, approximate="tanh") * u)
     g1, u1 = g.clone().requires_grad_(), u.clone().requires_grad_()
     (F.gelu(g1, approximate="tanh") * u1).backward(dh)
@@ -101,7 +105,9 @@ def test_geglu_non_contiguous_and_empty():
     g, u = _rand((20, 6), torch.float32, 3).t(), _rand((6, 20), torch.float32)
     assert _rel(fb.geglu(g, u), reference.geglu(g, u)) <= 2e-6
     assert fb.geglu(torch.empty(0, 8), torch.empty(0, 8)).shape == (0, 8)
-    dg, du = torch.ops.pyfast.geglu_backward(torch.empty(0, 3), torch.empty(0, 3), torch.empty(0, 3))
+    dg, du = torch.ops.pyfast.geglu_backward(
+        torch.empty(0, 3), torch.empty(0, 3), torch.empty(0, 3)
+    )
     assert dg.shape == du.shape == (0, 3)
 
 
@@ -198,14 +204,18 @@ H, F_ = 64, 160  # intermediate a multiple of 32 and 33 tokens: torch's gelu run
 def _stock_mlp(kind, dtype):
     torch.manual_seed(15)
     if kind == "gemma2":
-        cfg = Gemma2Config(hidden_size=H, intermediate_size=F_, hidden_activation="gelu_pytorch_tanh")
+        cfg = Gemma2Config(
+            hidden_size=H, intermediate_size=F_, hidden_activation="gelu_pytorch_tanh"
+        )
         m = modeling_gemma2.Gemma2MLP(cfg)
     elif kind == "gemma3":
         cfg = Gemma3TextConfig(hidden_size=H, intermediate_size=F_,
                                hidden_activation="gelu_pytorch_tanh")  # fmt: skip
         m = modeling_gemma3.Gemma3MLP(cfg)
     else:
-        m = modeling_phi3.Phi3MLP(Phi3Config(hidden_size=H, intermediate_size=F_, hidden_act="silu"))
+        m = modeling_phi3.Phi3MLP(
+            Phi3Config(hidden_size=H, intermediate_size=F_, hidden_act="silu")
+        )
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -288,7 +298,9 @@ def test_gated_mlp_gradcheck():
                 ),
                 (x, wd, bd, wgu, bgu),
             )
-    ref = reference.gated_mlp(x, None, None, wd, None, None, bd, "silu", w_gate_up=wgu, b_gate_up=bgu)
+    ref = reference.gated_mlp(
+        x, None, None, wd, None, None, bd, "silu", w_gate_up=wgu, b_gate_up=bgu
+    )
     got = fb.gated_mlp(x, None, None, wd, None, None, bd, "silu", w_gate_up=wgu, b_gate_up=bgu)
     assert _rel(got, ref) < 1e-12
     # swiglu_mlp is the silu case
@@ -347,9 +359,15 @@ def test_bad_inputs_name_the_op_and_argument():
         ops.rms_norm_offset(torch.randn(2, 8), torch.randn(7), 1e-6, 1.0)
     with pytest.raises(RuntimeError, match=r"rms_norm_offset: weight must have x's dtype Float,"):
         ops.rms_norm_offset(torch.randn(2, 8), torch.randn(8, dtype=torch.float64), 1e-6, 1.0)
-    with pytest.raises(RuntimeError, match=r"rms_norm_offset: weight must have x's dtype BFloat16 or float32"):
-        ops.rms_norm_offset(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(8).double(), 1e-6, 1.0)
-    with pytest.raises(RuntimeError, match=r"rms_norm_offset: x must be float32, bfloat16 or float64"):
+    with pytest.raises(
+        RuntimeError, match=r"rms_norm_offset: weight must have x's dtype BFloat16 or float32"
+    ):
+        ops.rms_norm_offset(
+            torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(8).double(), 1e-6, 1.0
+        )
+    with pytest.raises(
+        RuntimeError, match=r"rms_norm_offset: x must be float32, bfloat16 or float64"
+    ):
         ops.rms_norm_offset(torch.ones(2, 8, dtype=torch.int32), torch.ones(8), 1e-6, 1.0)
     with pytest.raises(RuntimeError, match=r"rms_norm_offset: eps must be >= 0"):
         ops.rms_norm_offset(torch.ones(2, 8), torch.ones(8), -1.0, 1.0)
@@ -363,7 +381,9 @@ def test_bad_inputs_name_the_op_and_argument():
                                      torch.ones(2), 1.0)  # fmt: skip
     with pytest.raises(RuntimeError, match=r"geglu: up must have gate's shape"):
         ops.geglu(torch.randn(2, 8), torch.randn(2, 9))
-    with pytest.raises(RuntimeError, match=r"geglu: up must have gate's shape .* Float, got .* Double"):
+    with pytest.raises(
+        RuntimeError, match=r"geglu: up must have gate's shape .* Float, got .* Double"
+    ):
         ops.geglu(torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"geglu: gate must be float32, bfloat16 or float64"):
         ops.geglu(torch.ones(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64))

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 import pyfast
-from pyfast.ops import (
-    causal_lm_loss,
-    causal_lm_token_logprobs,
-    linear_cross_entropy,
-    linear_token_logprobs,
-    reference,
-)
+from pyfast.hf.head import causal_lm_loss, causal_lm_token_logprobs
+from pyfast.ops import linear_cross_entropy, linear_token_logprobs, reference
 from tests.conftest import HAS_CUDA, devices
 
 needs_c = pytest.mark.skipif(not pyfast.HAS_C, reason="pyfast._C not built")

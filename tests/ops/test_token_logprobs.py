@@ -274,7 +274,7 @@ def nonfinite_logits(v, dtype, device):
 
     for c in cols:
         base = torch.randn(v, generator=gen) * 3
-        for put, val in (("nan", NAN), ("pinf", INF), ("ninf", -INF)):
+        for _put, val in (("nan", NAN), ("pinf", INF), ("ninf", -INF)):
             r = base.clone()
             r[c] = val
             add(r, c)
