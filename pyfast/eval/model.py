@@ -41,14 +41,14 @@ import torch
 from pyfast.eval.generation import GenKwargs, cut_at_stop, normalize_gen_kwargs
 from pyfast.eval.scoring import shared_target_logprobs, target_logprobs
 from pyfast.hf.head import apply_logit_map, check_head
-from pyfast.ops.packed_linear import PackedLinears, packing_plan
-from pyfast.ops.segments import (
+from pyfast.hf.packing import (
     SegmentsNotTaken,
     decoder_hidden,
     packing_unsupported,
     prepare_segments,
-    trie_attention,
 )
+from pyfast.ops.packed_linear import PackedLinears, packing_plan
+from pyfast.ops.segments import trie_attention
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _DEFAULT_MAX_LENGTH = 2048
@@ -410,9 +410,23 @@ class HFLM(LM):
         return list(groups.values())
 
     def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
-        """Longest first, `batch_size` groups (rows of the context pass) per batch."""
+        """Longest first, `batch_size` groups (rows of the context pass) per batch.
+
+        With sliding-window attention a batch holds contexts of one length only: transformers
+        puts the window at index distances, so a right-padded context followed by its
+        continuation would see a window shifted by its padding (wrong log-likelihoods)."""
         groups = sorted(groups, key=lambda g: (-g.cost, g.prefix))
-        return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
+        if not (self._no_packing or "").startswith("sliding-window"):
+            n = self.batch_size
+            return [groups[i : i + n] for i in range(0, len(groups), n)]
+        by_length: dict[int, list[_Group]] = {}
+        for g in groups:
+            by_length.setdefault(len(g.prefix), []).append(g)
+        return [
+            same[i : i + self.batch_size]
+            for same in by_length.values()
+            for i in range(0, len(same), self.batch_size)
+        ]
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Group]) -> list[tuple[int, float, bool]]:

@@ -1,77 +1,48 @@
-"""Fused RMSNorm and SwiGLU MLP for Llama-family decoder blocks (Llama, Mistral, Qwen2/3, SmolLM).
+"""Fused decoder-block ops: RMSNorm (Llama's and Gemma's), SwiGLU / GeGLU, the gated MLP and the
+rotary embedding, CPU kernels with pure-PyTorch twins (:mod:`pyfast.ops.reference`).
 
 - :func:`rms_norm`: ``torch.ops.pyfast.rms_norm`` — one pass instead of transformers' seven
   kernels; autograd keeps the input and one float per row (not the normalised copy).
 - :func:`swiglu`: ``silu(gate) * up`` in one pass.
-- :func:`swiglu_mlp`: ``down(silu(gate(x)) * up(x))`` whose backward recomputes the product from
-  ``gate(x)`` and ``up(x)``: autograd keeps x, gate(x) and up(x) instead of also silu(gate(x)) and
-  the product — two (tokens, intermediate) tensors per layer fewer. The matmuls are torch's.
-  With ``recompute=True`` it keeps only x and recomputes gate(x) and up(x) in backward (two
-  more matmuls for two (tokens, intermediate) tensors fewer: selective recomputation).
-  Without autograd on the CPU, gate(x) and up(x) go into a per-thread scratch buffer reused by
-  every call (no fresh 12 MB outputs to fault in per layer).
 - :func:`rms_norm_offset`: ``torch.ops.pyfast.rms_norm_offset`` — Gemma-2/3's RMSNorm (weight
-  applied as ``1 + w``, one rounding at the end), the stock module's bits in float32 / bfloat16.
+  applied as ``offset + w``, one rounding at the end; offset 0 is OLMo-2's), the stock module's
+  bits in float32 / bfloat16.
 - :func:`geglu`: ``gelu_tanh(gate) * up`` (Gemma-2/3's MLP activation) in one pass, torch's bits
   wherever torch's own gelu runs its SIMD path.
-- :func:`gated_mlp`: :func:`swiglu_mlp` for any gated activation (``"silu"``, ``"gelu_tanh"``) and
-  for Phi-3's fused ``gate_up_proj`` weight (``w_gate_up=``), with the same lean backward and
-  inference workspace; :func:`swiglu_mlp` is its silu case.
+- :func:`gated_mlp`: ``down(act(gate(x)) * up(x))`` for ``"silu"`` and ``"gelu_tanh"``, with two
+  weights or Phi-3's fused ``gate_up_proj`` (``w_gate_up=``). Backward keeps x, gate(x) and
+  up(x) instead of also act(gate(x)) and the product — two (tokens, intermediate) tensors per
+  layer fewer; with ``recompute=True`` only x (two more matmuls). Without autograd on the CPU,
+  gate(x) and up(x) go into a per-thread scratch buffer reused by every call. The matmuls are
+  torch's. :func:`swiglu_mlp` is its silu case.
 - :func:`rotary`: ``torch.ops.pyfast.rotary`` — transformers' ``apply_rotary_pos_emb`` (``x * cos
   + rotate_half(x) * sin`` for q and k) in one pass over q and k, forward and backward, same bits.
-- :func:`fuse_decoder_blocks`: swaps these into a loaded Hugging Face model, module by module,
-  for the module classes whose forward is exactly Llama's (same math, same rounding order), and
-  makes the decoder body keep each norm's output as a recipe for backward (recomputed from the
-  norm's input, which backward keeps anyway) instead of the tensor; its attention layers apply
-  the fused rotary embedding (where the installed transformers' attention forward is the one
-  pyfast reproduces, :func:`stock_attention_matches`); its grouped-query attention layers run
-  SDPA on the key/value heads as they are (``enable_gqa``) when a mask is given on the CPU, where
-  transformers copies keys and values once per query head (``repeat_kv``) and autograd keeps the
-  copies.
 
-Results equal the stock modules to float32 rounding (the row reduction order differs); they are
-checked against them, forward and backward, in tests/ops/test_fused_blocks.py. The compiled
-kernels serve CPU tensors; elsewhere (CUDA, or no ``_C``) the same autograd functions run on the
-pure-PyTorch twins in :mod:`pyfast.ops.reference`, so the memory saving holds on every device.
+Swapping them into a Hugging Face model (with the per-class self-checks) is
+:mod:`pyfast.hf.swaps`. The compiled kernels serve CPU tensors; elsewhere (CUDA, or no ``_C``)
+the same autograd functions run on the pure-PyTorch twins, so the memory saving holds on every
+device. Tests: tests/ops/test_fused_blocks.py, test_gated_blocks.py, test_rotary.py.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
-import sys
-import textwrap
 import threading
-import types
-import warnings
-import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pyfast._extension import HAS_C
 from pyfast.ops import reference
-from pyfast.ops.packed_linear import linear_forward, packed_linear
 
 Tensor = torch.Tensor
 
-# Module classes whose forward is transformers' LlamaRMSNorm / LlamaMLP line for line (checked
-# by tests/ops/test_fused_blocks.py against the installed transformers).
-RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-# Attention modules whose forward is Llama's but for a sliding window handed to the attention
-# function and (Qwen3) q/k norms: see _fused_attention_forward, checked by tests/ops/test_rotary.py.
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
-# Decoder bodies (embeddings + layers + final norm) whose forward runs under _LeanNorms.
-BODY_CLASSES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
-
 
 def _compiled(t: Tensor) -> bool:
-    """The CPU kernels serve CPU tensors; other devices use the reference twins."""
-    return HAS_C and t.device.type == "cpu"
+    """Whether torch.ops.pyfast serves `t`'s device: the C++ kernels on the CPU; on CUDA the
+    reference twins registered as the ops' CUDA kernels below (one autograd path, the ops'
+    registered one, on both). Elsewhere, or without ``_C``, the twins run under torch's own
+    autograd."""
+    return HAS_C and (t.device.type == "cpu" or (t.device.type == "cuda" and _CUDA_TWINS))
 
 
 def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -141,60 +112,15 @@ def _rotary_bwd(gq: Tensor, gk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return reference.rotary_backward(gq, gk, cos, sin)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm_fwd(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_bwd(grad.contiguous(), x, weight, rstd)
-        return dx, dw, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _swiglu_fwd(gate, up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return _swiglu_bwd(grad.contiguous(), gate, up)
-
-
-class _Rotary(torch.autograd.Function):
-    """Keeps only cos and sin for backward (as the stock ops do)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotary_fwd(q, k, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        cos, sin = ctx.saved_tensors
-        dq, dk = _rotary_bwd(grad_q, grad_k, cos, sin)
-        return dq, dk, None, None
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` as transformers' LlamaRMSNorm, fused;
     differentiable in x and weight (same dtype, weight of shape (x.shape[-1],))."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _rms_norm_fwd(x, weight, eps)[0]
-    return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm_fwd(x, weight, eps)[0]  # the op's registered autograd (or the twin's)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up``, fused; differentiable in both."""
-    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
-        return _swiglu_fwd(gate, up)
-    return _SwiGLU.apply(gate, up)
+    return _swiglu_fwd(gate, up)
 
 
 def rms_norm_offset(x: Tensor, weight: Tensor, eps: float = 1e-6, offset: float = 1.0) -> Tensor:
@@ -226,11 +152,9 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     formula (:func:`pyfast.ops.reference.rotary`), with its type promotion."""
     if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
         return reference.rotary(q, k, cos, sin)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))):
-        return _rotary_fwd(q, k, cos, sin)
-    if cos.requires_grad or sin.requires_grad:
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return reference.rotary(q, k, cos, sin)
-    return _Rotary.apply(q, k, cos, sin)
+    return _rotary_fwd(q, k, cos, sin)  # the op's registered autograd keeps only cos and sin
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -443,362 +367,6 @@ def _inference_workspace(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate, b_up):
     return buf[: n * f].view(n, f), buf[second : second + n * f].view(n, f)
 
 
-# -- swapping them into a model ------------------------------------------------------------------
-
-
-class _LeanNorms:
-    """Saved-tensor hooks for one forward of a decoder body: a fused RMSNorm's output that the
-    next layers save for backward (the q/k/v projections' and the MLP's input) is stored as the
-    recipe (norm input, weight, eps) instead — the input is kept by the norm's own backward
-    anyway — and recomputed, bit for bit, when backward unpacks it. One (tokens, hidden) tensor
-    per norm fewer stays alive between forward and backward, for one extra pass over it."""
-
-    _local = threading.local()
-
-    def __init__(self):
-        self.outputs: dict[int, tuple] = {}
-
-    @classmethod
-    def active(cls) -> _LeanNorms | None:
-        stack = getattr(cls._local, "stack", None)
-        return stack[-1] if stack else None
-
-    def record(self, y: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
-        self.outputs[y.data_ptr()] = (weakref.ref(y), x, weight, eps)
-
-    def pack(self, t: Tensor):
-        entry = self.outputs.get(t.data_ptr()) if self.outputs else None
-        if entry is not None:
-            y = entry[0]()
-            # the norm's output itself or a reshape of it (alive, so the address is its own)
-            same = y is not None and t.numel() == y.numel() and t.dtype == y.dtype
-            if same and t.is_contiguous():
-                return (_LeanNorms, entry[1], entry[2], entry[3], t.shape)
-        return t
-
-    @staticmethod
-    def unpack(packed):
-        if type(packed) is tuple and packed[0] is _LeanNorms:
-            _, x, weight, eps, shape = packed
-            with torch.no_grad():
-                return _rms_norm_fwd(x, weight, eps)[0].view(shape)
-        return packed
-
-    def __enter__(self):
-        if not hasattr(self._local, "stack"):
-            self._local.stack = []
-        self._local.stack.append(self)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        self._local.stack.pop()
-        self.outputs.clear()
-        return False
-
-
-def _fused_norm_forward(self, hidden_states: Tensor) -> Tensor:
-    if hidden_states.dtype != self.weight.dtype:  # mixed dtypes: the stock module's promotion
-        return type(self).forward(self, hidden_states)
-    y = rms_norm(hidden_states, self.weight, self.variance_epsilon)
-    lean = _LeanNorms.active()
-    if lean is not None and y.requires_grad:
-        lean.record(y, hidden_states, self.weight, self.variance_epsilon)
-    return y
-
-
-def _lean_body_forward(module: nn.Module):
-    """The body's forward under :class:`_LeanNorms` when gradients are on (its signature kept:
-    callers inspect it, e.g. for the name of the cache argument)."""
-    stock = type(module).forward
-
-    @functools.wraps(stock)
-    def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return stock(self, *args, **kwargs)
-        with _LeanNorms():
-            return stock(self, *args, **kwargs)
-
-    return types.MethodType(forward, module)
-
-
-def _fused_mlp_forward(self, x: Tensor) -> Tensor:
-    g, u, d = self.gate_proj, self.up_proj, self.down_proj
-    # Wrapped projections (LoRA adapters, quantised layers) keep the stock path.
-    if not (type(g) is nn.Linear and type(u) is nn.Linear and type(d) is nn.Linear):
-        return type(self).forward(self, x)
-    gate = packed_linear(g, x)  # inside PackedLinears, without autograd: packed weights
-    if gate is not None:
-        return linear_forward(d, _swiglu_fwd_(gate, linear_forward(u, x)))
-    return swiglu_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias,
-                      recompute=getattr(self, "_pyfast_recompute", False))  # fmt: skip
-
-
-def _is_silu(act: nn.Module) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
-# What the allowlisted attention forwards add to Llama's: a sliding window handed to the attention
-# function (the expression each stock forward passes) and q/k norms. stock_attention_matches()
-# checks them against the installed source.
-_SLIDING_WINDOW_SOURCE = {
-    "MistralAttention": "getattr(self.config, 'sliding_window', None)",
-    "Qwen2Attention": "self.sliding_window",
-    "Qwen3Attention": "self.sliding_window",
-}
-_SLIDING_WINDOW = {  # the same expressions, compiled once into functions of the module
-    name: eval(f"lambda self: {src}")  # noqa: S307 - our own constant source, above
-    for name, src in _SLIDING_WINDOW_SOURCE.items()
-}
-_QK_NORM = ("Qwen3Attention",)
-# Statements of _fused_attention_forward that the stock forward lacks: its own bookkeeping.
-_OWN_STATEMENTS = ("stock = ", "ALL_ATTENTION_FUNCTIONS = ", "eager_attention_forward = ",
-                   "if cache is None:", "name = ", "extra = ")  # fmt: skip
-
-
-def _fused_attention_forward(
-    self,
-    hidden_states: Tensor,
-    position_embeddings: tuple[Tensor, Tensor] | None = None,
-    attention_mask: Tensor | None = None,
-    cache=None,
-    **kwargs,
-) -> tuple[Tensor, Tensor | None]:
-    """transformers' LlamaAttention.forward line for line (with Mistral's / Qwen2's / Qwen3's
-    additions for those classes), the rotary embedding fused (:func:`rotary`)."""
-    # the names the stock forward finds in its module (each family has its own eager function)
-    stock = sys.modules[type(self).__module__]
-    ALL_ATTENTION_FUNCTIONS = stock.ALL_ATTENTION_FUNCTIONS  # noqa: N806
-    eager_attention_forward = stock.eager_attention_forward
-
-    if cache is None:  # the stock forward's deprecated name for it
-        cache = kwargs.pop("past_key_values", None)
-    name = type(self).__name__
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-
-    if name in _QK_NORM:
-        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-    else:
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-    cos, sin = position_embeddings
-    query_states, key_states = rotary(query_states, key_states, cos, sin)
-
-    if cache is not None:
-        key_states, value_states = cache.update(
-            key_states, value_states, self.layer_idx, kwargs=kwargs
-        )
-
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, eager_attention_forward
-    )
-    extra = {"sliding_window": _SLIDING_WINDOW[name](self)} if name in _SLIDING_WINDOW else {}
-
-    attn_output, attn_weights = attention_interface(
-        self,
-        query_states,
-        key_states,
-        value_states,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **extra,
-        **kwargs,
-    )
-
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    attn_output = self.o_proj(attn_output)
-    return attn_output, attn_weights
-
-
-# keyword arguments of transformers' attention functions that ask for more than plain attention
-_NOT_PLAIN = ("position_bias", "softcap", "sliding_window", "s_aux")
-
-
-def _plain_attention(dropout: float, kwargs) -> bool:
-    return (
-        not dropout
-        and all(kwargs.get(k) is None for k in _NOT_PLAIN)
-        and not kwargs.get("output_attentions", False)
-    )
-
-
-def _gqa_sdpa_applies(module, query: Tensor, key: Tensor, value: Tensor, mask, kwargs) -> bool:
-    """Where transformers' SDPA path would copy keys and values per query head and torch's CPU
-    kernel takes them grouped instead: a marked module, several query heads per key/value head,
-    a mask (without one transformers already passes ``enable_gqa``), more than one query (one
-    query is regrouped without copies), CPU tensors, nothing but plain attention asked for."""
-    return (
-        getattr(module, "_pyfast_gqa", False)
-        and query.device.type == "cpu"
-        and mask is not None
-        and query.shape[2] > 1
-        and query.shape[1] != key.shape[1]
-        and key.shape[-1] == value.shape[-1]
-        and _plain_attention(0.0, kwargs)
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    )
-
-
-@functools.cache
-def install_sdpa_dispatcher() -> None:
-    """Puts a dispatcher in front of transformers' "sdpa" attention function, once per process:
-
-    - a call given ``pyfast_segments=`` (a :class:`pyfast.ops.segments.SegmentedAttention` or
-      :class:`~pyfast.ops.segments.TrieAttention`, for plain attention) runs it over the packed
-      row;
-    - modules marked by :func:`fuse_decoder_blocks` take the grouped path where it applies
-      (:func:`_gqa_sdpa_applies`);
-    - every other call (other models, other devices, other cases) goes to the stock function
-      unchanged.
-    """
-    from transformers import AttentionInterface
-
-    stock = AttentionInterface._global_mapping["sdpa"]
-
-    def sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        segments = kwargs.get("pyfast_segments")
-        if segments is not None and _plain_attention(dropout, kwargs):
-            return segments(query, key, value, scaling), None
-        if not _gqa_sdpa_applies(module, query, key, value, attention_mask, kwargs):
-            return stock(module, query, key, value, attention_mask, dropout=dropout,
-                         scaling=scaling, **kwargs)  # fmt: skip
-        # transformers' own call with the mask given: not causal-flagged, (B, T, H, D) out
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=False, enable_gqa=True,
-        )  # fmt: skip
-        return out.transpose(1, 2).contiguous(), None
-
-    sdpa.stock = stock
-    AttentionInterface.register("sdpa", sdpa)
-
-
-def _statements(fn, branch: str | None = None) -> list[str]:
-    """The body of `fn` as normalised source, one statement a line (docstring left out); with
-    `branch` ("body" / "orelse"), the q/k-norm `if` of the fused forward is replaced by that
-    branch's statements."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
-    out = []
-    for s in tree.body[0].body:
-        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant):
-            continue
-        if branch and isinstance(s, ast.If) and "_QK_NORM" in ast.unparse(s.test):
-            out += [ast.unparse(t) for t in getattr(s, branch)]
-        else:
-            out.append(ast.unparse(s))
-    return out
-
-
-def _is_subsequence(part: list[str], whole: list[str]) -> bool:
-    it = iter(whole)
-    return all(any(p == w for w in it) for p in part)
-
-
-@functools.cache
-def stock_attention_matches(cls: type) -> bool:
-    """Whether the installed ``cls.forward`` (an attention class of ATTENTION_CLASSES) is the
-    forward that :func:`_fused_attention_forward` reproduces: every statement of it, in order,
-    the same source once ``apply_rotary_pos_emb`` is read for :func:`rotary` and the sliding
-    window for its ``**extra``; nothing added but the fused forward's own bookkeeping; the same
-    parameters. transformers releases change these forwards (cache arguments, new keywords), so
-    the swap is made only where this holds; elsewhere the stock forward stays."""
-    name = cls.__name__
-    try:
-        stock = _statements(cls.forward)
-        mine = _statements(_fused_attention_forward, "body" if name in _QK_NORM else "orelse")
-        same_params = list(inspect.signature(cls.forward).parameters) == list(
-            inspect.signature(_fused_attention_forward).parameters
-        )
-    except (OSError, TypeError, SyntaxError, IndexError):  # no source to read
-        return False
-    mine = [s.replace("= rotary(", "= apply_rotary_pos_emb(") for s in mine]
-    if sum("apply_rotary_pos_emb(query_states, key_states, cos, sin)" in s for s in stock) != 1:
-        return False
-    if name in _SLIDING_WINDOW_SOURCE:
-        arg = f"sliding_window={_SLIDING_WINDOW_SOURCE[name]}, "
-        if sum(arg in s for s in stock) != 1:
-            return False
-        stock = [s.replace(arg, "**extra, ") for s in stock]
-    else:
-        mine = [s.replace("**extra, ", "") for s in mine]
-    return (
-        same_params
-        and _is_subsequence(stock, mine)
-        and all(s in stock or s.startswith(_OWN_STATEMENTS) for s in mine)
-    )
-
-
-def _attention_swappable(cls: type) -> bool:
-    if stock_attention_matches(cls):
-        return True
-    if cls not in _DECLINED:
-        _DECLINED.add(cls)
-        import transformers
-
-        warnings.warn(
-            f"pyfast: {cls.__module__}.{cls.__name__}.forward of transformers "
-            f"{transformers.__version__} is not the forward pyfast's fused-rotary attention "
-            "reproduces; that module keeps its stock forward (RMSNorm and the MLP are still "
-            "fused)",
-            stacklevel=3,
-        )
-    return False
-
-
-_DECLINED: set[type] = set()
-
-
-def fuse_decoder_blocks(model: nn.Module, recompute_mlp: bool = False) -> int:
-    """Makes the model's RMSNorm and SwiGLU-MLP modules (classes in RMSNORM_CLASSES /
-    MLP_CLASSES) run the fused ops, its attention modules (ATTENTION_CLASSES, where the installed
-    transformers' forward is the one pyfast reproduces: :func:`stock_attention_matches`; others
-    keep theirs, with one warning per class) apply the fused rotary embedding (:func:`rotary`)
-    and, with grouped-query attention, run SDPA on grouped keys and values (see
-    :func:`_gqa_sdpa_applies`), and its decoder body
-    (BODY_CLASSES) keep norm outputs as recipes for backward (:class:`_LeanNorms`); returns how
-    many modules were swapped. With `recompute_mlp` the MLPs keep only their input for backward
-    (:func:`swiglu_mlp` with ``recompute=True``). Idempotent (a second call sets
-    `recompute_mlp` anew); other modules, and MLPs whose projections are wrapped (e.g. by LoRA),
-    keep their stock forward.
-
-    The swap is per instance (a bound ``forward`` or a mark), so it survives ``copy.deepcopy``
-    and leaves the classes — and every other model in the process — untouched; state dicts are
-    unchanged.
-    """
-    n = 0
-    for m in model.modules():
-        name = type(m).__name__
-        if name in MLP_CLASSES:
-            m._pyfast_recompute = bool(recompute_mlp)
-        if getattr(m, "_pyfast_fused", False):
-            n += 1
-            continue
-        if name in RMSNORM_CLASSES and hasattr(m, "variance_epsilon"):
-            m.forward = types.MethodType(_fused_norm_forward, m)
-        elif name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None)):
-            m.forward = types.MethodType(_fused_mlp_forward, m)
-        elif name in ATTENTION_CLASSES and _attention_swappable(type(m)):
-            m.forward = types.MethodType(_fused_attention_forward, m)
-            if getattr(m, "num_key_value_groups", 1) > 1:
-                install_sdpa_dispatcher()
-                m._pyfast_gqa = True
-        elif name in BODY_CLASSES:
-            m.forward = _lean_body_forward(m)
-        else:
-            continue
-        m._pyfast_fused = True
-        n += 1
-    return n
-
-
 if HAS_C:
 
     @torch.library.register_fake("pyfast::rms_norm")
@@ -926,3 +494,42 @@ if HAS_C:  # the Gemma-family ops: rms_norm_offset, geglu
         return torch.ops.pyfast.geglu_backward(grad.contiguous(), gate, up)
 
     torch.library.register_autograd("pyfast::geglu", _geglu_backward, setup_context=_geglu_setup)
+
+
+def _token_major(t: Tensor) -> Tensor:
+    """`t` (B, N, T, D) in (B, T, N, D) memory order, as the CPU rotary_backward writes it."""
+    out = t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+    return out.copy_(t)
+
+
+def _inplace(fn):
+    def run(gate, up):
+        fn(gate, up)
+
+    return run
+
+
+# The ops' CUDA kernels where the extension has none: the reference twins, so that CUDA tensors
+# take the same registered autograd (lean saved tensors) as the CPU ones.
+_TWINS = {
+    "rms_norm": reference.rms_norm,
+    "rms_norm_backward": reference.rms_norm_backward,
+    "rms_norm_offset": reference.rms_norm_offset,
+    "rms_norm_offset_backward": reference.rms_norm_offset_backward,
+    "swiglu": reference.swiglu,
+    "swiglu_": _inplace(reference.swiglu_),
+    "swiglu_backward": reference.swiglu_backward,
+    "geglu": reference.geglu,
+    "geglu_": _inplace(reference.geglu_),
+    "geglu_backward": reference.geglu_backward,
+    "rotary": reference.rotary,
+    "rotary_backward": lambda gq, gk, cos, sin: tuple(
+        map(_token_major, reference.rotary_backward(gq, gk, cos, sin))
+    ),
+}
+_CUDA_TWINS = False
+if HAS_C:
+    for _name, _fn in _TWINS.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfast::{_name}", "CUDA"):
+            torch.library.impl(f"pyfast::{_name}", "CUDA")(_fn)
+    _CUDA_TWINS = True

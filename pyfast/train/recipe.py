@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from pyfast.hf.head import logit_map
+from pyfast.hf.packing import decoder_hidden, prepare_segments
 from pyfast.io import atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
 from pyfast.ops.packed_linear import packed_for_inference, packed_frozen
-from pyfast.ops.segments import SegmentedAttention, decoder_hidden, prepare_segments
+from pyfast.ops.segments import SegmentedAttention
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
 from pyfast.train.config import TrainConfig, to_dict
@@ -83,7 +84,7 @@ def padding_free_hidden(
     attention nothing later can change a loss term) and rows are laid end to end, position ids
     restarting at 0 and attention kept within each row by
     :class:`pyfast.ops.segments.SegmentedAttention` (the model must run transformers' "sdpa"
-    attention through the dispatcher that :func:`pyfast.ops.segments.prepare_segments`
+    attention through the dispatcher that :func:`pyfast.hf.packing.prepare_segments`
     installs). The mean loss over the targets equals the padded batch's. None when no row has
     a target or a row is not right-padded (the caller runs the padded batch).
     """

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pyfast.align.logps import pair_logps
 from pyfast.eval.model import HFLM
 from pyfast.hf import PLAIN, LogitMap, causal_lm_loss, check_head, logit_map
 from pyfast.train.recipe import Recipe
 from tests.eval.conftest import tiny_tokenizer  # noqa: F401 - fixture
+from tests.hf.oracles import assert_loglikelihoods, sft_batch, stock_sums
 
 V = 400  # the tiny tokenizer's vocabulary
 
@@ -48,14 +48,7 @@ FAMILIES = list(EXPECTED)
 
 
 def _batch(seed=1, b=2, t=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, -3:] = 0  # a right-padded row
-    labels = ids.clone()
-    labels[:, :4] = -100  # a prompt
-    labels[mask == 0] = -100
-    return ids, mask, labels
+    return sft_batch(V, seed, b, t)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -91,13 +84,6 @@ def test_training_loss_and_grads_equal_stock(kind):
     torch.testing.assert_close(causal_lm_loss(model, ids, labels, mask), ref, rtol=1e-5, atol=1e-6)
 
 
-def _stock_sums(model, ids, mask, labels):
-    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    tgt = labels[:, 1:]
-    lp = logp[:, :-1].gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(tgt != -100, lp, 0).sum(-1)
-
-
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_dpo_logps_equal_stock(kind):
     model = _tiny(kind)
@@ -106,7 +92,7 @@ def test_dpo_logps_equal_stock(kind):
     labels[3, -2:] = -100
     with torch.no_grad():
         out = pair_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-        ref = _stock_sums(model, ids, mask, labels)
+        ref = stock_sums(model, ids, mask, labels)
     torch.testing.assert_close(out.chosen, ref[:2], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.rejected, ref[2:], rtol=1e-5, atol=1e-4)
 
@@ -119,18 +105,7 @@ def test_eval_loglikelihoods_equal_stock(kind, tiny_tokenizer):  # noqa: F811
                 ("Question: what is the sun?\nAnswer:", " a planet"),
                 ("The cat sat on", " the mat")]  # fmt: skip
     got = lm.loglikelihood(requests)
-    for (ctx, cont), (lp, greedy) in zip(requests, got, strict=True):
-        c = tiny_tokenizer(ctx)["input_ids"]
-        t = tiny_tokenizer(ctx + cont)["input_ids"]
-        n = len(t) - len(c)
-        with torch.no_grad():
-            logp = F.log_softmax(model(input_ids=torch.tensor([t])).logits[0].float(), -1)
-        target = torch.tensor(t[-n:])
-        rows = logp[len(t) - n - 1 : len(t) - 1]
-        assert lp == pytest.approx(
-            float(rows.gather(-1, target[:, None]).sum()), rel=1e-4, abs=1e-4
-        )
-        assert greedy == bool((rows.argmax(-1) == target).all())
+    assert_loglikelihoods(got, requests, model, tiny_tokenizer, 1e-4)
 
 
 def test_a_head_pyfast_cannot_reproduce_is_refused():

@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 
 import pyfast
+from pyfast.hf import swaps as hfs
 from pyfast.ops import fused_blocks as fb
 from pyfast.ops import reference
 
@@ -139,7 +140,7 @@ def _pair(module, dtype):
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 1.0))
     fused = copy.deepcopy(module)
-    assert fb.fuse_decoder_blocks(fused) == 1
+    assert hfs.fuse_decoder_blocks(fused) == 1
     return module, fused
 
 
@@ -258,9 +259,9 @@ def test_swap_is_per_instance_deepcopy_safe_and_skips_lora():
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = modeling_llama.LlamaForCausalLM(cfg)
     # 2 norms + 1 MLP + 1 grouped-query attention per layer, the final norm, the decoder body
-    assert fb.fuse_decoder_blocks(model) == 2 * 4 + 1 + 1
-    assert fb.fuse_decoder_blocks(model) == 10  # idempotent
-    assert modeling_llama.LlamaMLP.forward is not fb._fused_mlp_forward  # class untouched
+    assert hfs.fuse_decoder_blocks(model) == 2 * 4 + 1 + 1
+    assert hfs.fuse_decoder_blocks(model) == 10  # idempotent
+    assert modeling_llama.LlamaMLP.forward is not hfs._fused_mlp_forward  # class untouched
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.model.layers[0].mlp.down_proj.weight.zero_()
@@ -279,8 +280,8 @@ def test_recompute_mlp_gives_the_same_bits_and_keeps_only_the_input(autocast):
     cfg = LlamaConfig(hidden_size=32, intermediate_size=96)
     keep, _ = _pair(modeling_llama.LlamaMLP(cfg), torch.float32)
     lean = copy.deepcopy(keep)
-    fb.fuse_decoder_blocks(keep)
-    fb.fuse_decoder_blocks(lean, recompute_mlp=True)
+    hfs.fuse_decoder_blocks(keep)
+    hfs.fuse_decoder_blocks(lean, recompute_mlp=True)
     x = torch.randn(40, 32)
     saved, grads = [], []
     for m in (keep, lean):
@@ -301,7 +302,7 @@ def test_recompute_mlp_gives_the_same_bits_and_keeps_only_the_input(autocast):
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
     assert saved == [40 * 32 * 4 + 2 * 40 * 96 * (2 if autocast else 4), 40 * 32 * 4]
-    fb.fuse_decoder_blocks(lean)  # a second call sets the mode anew
+    hfs.fuse_decoder_blocks(lean)  # a second call sets the mode anew
     assert lean._pyfast_recompute is False
 
 
@@ -324,7 +325,7 @@ def _stock_and_fused(seed: int, **cfg):
     torch.manual_seed(seed)
     stock = modeling_llama.LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **cfg))
     fused = copy.deepcopy(stock)
-    fb.fuse_decoder_blocks(fused)
+    hfs.fuse_decoder_blocks(fused)
     return stock, fused
 
 
@@ -374,14 +375,14 @@ def test_allowlisted_classes_are_llamas_line_for_line():
     def body(cls):
         return inspect.getsource(cls.forward).replace(cls.__name__, "X")
 
-    for names, suffix in [(fb.RMSNORM_CLASSES, "RMSNorm"), (fb.MLP_CLASSES, "MLP")]:
+    for names, suffix in [(hfs.RMSNORM_CLASSES, "RMSNorm"), (hfs.MLP_CLASSES, "MLP")]:
         ref = body(getattr(modeling_llama, "Llama" + suffix))
         for name, cls in installed(names, suffix):
             assert body(cls) == ref, name
     # attention: each hands (module, q, k, v, mask, dropout=, scaling=) to the configured
     # attention function, as Llama's does (Qwen3 adds q/k norms before, which the SDPA call
     # does not see)
-    for name, cls in installed(fb.ATTENTION_CLASSES, "Attention"):
+    for name, cls in installed(hfs.ATTENTION_CLASSES, "Attention"):
         src = inspect.getsource(cls.forward)
         assert "get_interface(\n            self.config._attn_implementation" in src, name
         assert "attention_interface(\n            self,\n            query_states,\n" in src, name
@@ -410,7 +411,7 @@ def test_norm_outputs_are_recomputed_not_kept():
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(5)
     lean = modeling_llama.LlamaForCausalLM(cfg)
-    fb.fuse_decoder_blocks(lean)
+    hfs.fuse_decoder_blocks(lean)
     keep = copy.deepcopy(lean)
     del keep.model.forward  # the body's stock forward: norm outputs saved as they are
     ids = torch.randint(0, 80, (2, 9))
@@ -437,5 +438,5 @@ def test_body_keeps_its_signature():
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = modeling_llama.LlamaForCausalLM(cfg)
     before = inspect.signature(model.model.forward)
-    fb.fuse_decoder_blocks(model)
+    hfs.fuse_decoder_blocks(model)
     assert inspect.signature(model.model.forward) == before

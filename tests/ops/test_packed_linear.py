@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyfast.ops import fused_blocks as fb
+from pyfast.hf import swaps as hfs
 from pyfast.ops import packed_linear as pl
 from pyfast.optim import FusedAdamW
 from tests.conftest import tiny_llama
@@ -173,7 +173,7 @@ def test_plan(monkeypatch):
 def test_fused_and_stock_llama_inside_match_outside():
     stock = tiny_llama(97)
     fused = copy.deepcopy(stock)
-    assert fb.fuse_decoder_blocks(fused) > 0
+    assert hfs.fuse_decoder_blocks(fused) > 0
     ids = torch.randint(0, 97, (2, 11))
     for model in (stock, fused):
         with torch.no_grad():

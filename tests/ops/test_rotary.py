@@ -12,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import pyfast
+from pyfast.hf import attention as hfa
+from pyfast.hf import swaps as hfs
 from pyfast.ops import fused_blocks as fb
 from pyfast.ops import reference
 
@@ -173,7 +175,7 @@ def test_bad_inputs_name_the_argument():
 def _installed_attention_classes():
     import importlib
 
-    for name in fb.ATTENTION_CLASSES:
+    for name in hfs.ATTENTION_CLASSES:
         family = name.removesuffix("Attention").lower()
         try:
             mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
@@ -182,30 +184,31 @@ def _installed_attention_classes():
         yield name, getattr(mod, name)
 
 
-# The transformers release whose attention forwards _fused_attention_forward reproduces.
-WRITTEN_FOR = "5.24."
-
-
 def test_fused_attention_forward_is_the_installed_stock_forward():
     """Each allowlisted class's forward is Llama's but for its sliding-window argument and, for
     Qwen3, q/k norms; the fused forward holds every statement of it in order, with
     apply_rotary_pos_emb replaced and nothing else added but its own bookkeeping
-    (fb.stock_attention_matches). On the transformers it was written for, every installed class
-    must match, so an upgrade that changes a forward shows up here; on others the check decides
-    at run time (a GPU host with transformers 5.17 declined LlamaAttention)."""
-    import transformers
+    (hfa.stock_attention_matches). On the transformers range pyfast pins (pyfast.hf.compat),
+    every installed class must match, so an upgrade that changes a forward fails here; outside
+    it the verdict decides at run time, and the swap follows it."""
+    from pyfast.hf.compat import check_transformers
 
-    assert set(fb._SLIDING_WINDOW) == set(fb._SLIDING_WINDOW_SOURCE)
+    assert set(hfa._SLIDING_WINDOW) == set(hfa._SLIDING_WINDOW_SOURCE)
     module = types.SimpleNamespace(config=types.SimpleNamespace(sliding_window=3), sliding_window=5)
-    for name, expr in fb._SLIDING_WINDOW_SOURCE.items():  # the lambda is the source expression
-        assert fb._SLIDING_WINDOW[name](module) == eval(expr, {}, {"self": module})
+    for name, expr in hfa._SLIDING_WINDOW_SOURCE.items():  # the lambda is the source expression
+        assert hfa._SLIDING_WINDOW[name](module) == eval(expr, {}, {"self": module})
     verdicts = {
-        name: fb.stock_attention_matches(cls) for name, cls in _installed_attention_classes()
+        name: hfa.stock_attention_matches(cls) for name, cls in _installed_attention_classes()
     }
     assert "LlamaAttention" in verdicts
-    if not transformers.__version__.startswith(WRITTEN_FOR):
-        pytest.skip(f"transformers {transformers.__version__}: run-time verdicts {verdicts}")
-    assert all(verdicts.values()), verdicts
+    if check_transformers():  # the pinned range: every class is the one reproduced
+        assert all(verdicts.values()), verdicts
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    hfs.fuse_decoder_blocks(model)
+    swapped = "forward" in vars(model.model.layers[0].self_attn)
+    assert swapped == verdicts["LlamaAttention"]
 
 
 def test_attention_with_another_forward_keeps_it():
@@ -220,8 +223,8 @@ def test_attention_with_another_forward_keeps_it():
         return stock(self, hidden_states * 1.0, *args, **kwargs)
 
     other = type("LlamaAttention", (modeling_llama.LlamaAttention,), {"forward": forward})
-    assert fb.stock_attention_matches(modeling_llama.LlamaAttention)
-    assert not fb.stock_attention_matches(other)
+    assert hfa.stock_attention_matches(modeling_llama.LlamaAttention)
+    assert not hfa.stock_attention_matches(other)
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(0)
@@ -232,7 +235,7 @@ def test_attention_with_another_forward_keeps_it():
     with torch.no_grad():
         want = model(ids).logits
     with pytest.warns(UserWarning, match="keeps its stock forward"):
-        swapped = fb.fuse_decoder_blocks(model)
+        swapped = hfs.fuse_decoder_blocks(model)
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
     assert swapped == 2 * 3 + 2  # per layer two norms and the MLP; the final norm, the body
     with torch.no_grad():
@@ -260,7 +263,7 @@ def test_fused_models_match_stock_and_use_the_fused_rotary(family, monkeypatch):
     torch.manual_seed(7)
     stock = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     fused = copy.deepcopy(stock)
-    fb.fuse_decoder_blocks(fused)
+    hfs.fuse_decoder_blocks(fused)
     calls = []
     real = fb._rotary_fwd
     monkeypatch.setattr(fb, "_rotary_fwd", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -294,7 +297,7 @@ def test_fused_attention_under_gradient_checkpointing():
     torch.manual_seed(8)
     stock = AutoModelForCausalLM.from_config(dict(_families())["llama"], attn_implementation="sdpa")
     fused = copy.deepcopy(stock)
-    fb.fuse_decoder_blocks(fused)
+    hfs.fuse_decoder_blocks(fused)
     ids = torch.randint(0, 64, (2, 9))
     for m in (stock, fused):
         m.train()
@@ -304,14 +307,18 @@ def test_fused_attention_under_gradient_checkpointing():
         assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max() + 1e-7, n
 
 
-def test_without_the_kernel_the_twins_serve_the_autograd_function(monkeypatch):
-    """Other devices / no _C: the same autograd function on the reference twins, same bits."""
-    monkeypatch.setattr(fb, "HAS_C", False)
+@pytest.mark.parametrize("compiled", [True, False], ids=["op", "twin"])
+def test_one_autograd_path_op_or_twin(monkeypatch, compiled):
+    """With _C, pyfast.ops.rotary is the op and its registered autograd (the only one; on CUDA
+    the twins are the op's kernels); without it, the reference twin under torch's autograd.
+    Both give the stock bits, forward and backward."""
+    if not compiled:
+        monkeypatch.setattr(fb, "HAS_C", False)
     q, k, cos, sin = _inputs((2, 6, 2, 5, 40), torch.bfloat16, "projection", 1, seed=9)
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     ref, out = apply_rotary_pos_emb(q1, k1, cos, sin), fb.rotary(q2, k2, cos, sin)
-    assert out[0].grad_fn.name() == "_RotaryBackward"
+    assert ("pyfast_rotary" in type(out[0].grad_fn).__name__) == (compiled and fb.HAS_C)
     grads = [torch.randn(t.shape).bfloat16() for t in ref]
     want = torch.autograd.grad(ref, (q1, k1), grads)
     got = torch.autograd.grad(out, (q2, k2), grads)

@@ -7,12 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import pyfast
-from pyfast.ops.segments import (
-    Segment,
-    SegmentedAttention,
-    packing_unsupported,
-    trie_attention,
-)
+from pyfast.hf.packing import packing_unsupported
+from pyfast.ops.segments import Segment, SegmentedAttention, trie_attention
 from tests.conftest import HAS_CUDA
 
 
@@ -268,7 +264,7 @@ def test_packing_unsupported_names_the_reason(monkeypatch):
 def test_decoder_hidden_at_rows_runs_the_last_mlp_there_only():
     """With `rows`, the hidden states there equal the full pass's (forward and backward) and the
     last layer's MLP saw only those rows; under gradient checkpointing it runs everywhere."""
-    from pyfast.ops.segments import decoder_hidden, prepare_segments
+    from pyfast.hf.packing import decoder_hidden, prepare_segments
     from tests.conftest import tiny_llama
 
     model = tiny_llama(64)
