@@ -6,7 +6,8 @@ Both drive the LM themselves (``answer_docs``) and take run options through ``co
 - humaneval: ``allow_code_execution`` (refused without it), ``num_samples`` (1 = greedy pass@1;
   N > 1 = sampled, pass@k for k in 1, 10, 100 up to N), ``completions`` (score a JSONL of
   ``task_id``/``completion`` rows instead of generating: no model is loaded),
-  ``sandbox_limits``, ``seed``. Documents are the problems.
+  ``sandbox_limits``, ``sandbox`` (strict | namespaces | weak, default strict), ``seed``.
+  Documents are the problems.
 - mt_bench: ``judge`` (openai:MODEL@BASE_URL or hf:MODEL), ``judge_key_env``,
   ``judge_max_tokens``, ``output`` (the answer/judgement cache), ``judge_loader``, ``seed``.
   Documents are (question, turn) pairs, so the evaluator's means over documents are exactly
@@ -17,13 +18,14 @@ Both drive the LM themselves (``answer_docs``) and take run options through ``co
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pyfast.eval import humaneval, mt_bench
 from pyfast.eval.data import DataStore
 from pyfast.eval.judge import make_judge, parse_judge_spec
-from pyfast.eval.sandbox import Limits
+from pyfast.eval.sandbox import MODES, Limits, check_mode
 from pyfast.eval.task import register_kind
 
 
@@ -45,6 +47,7 @@ class HumanEvalTask:
     limits: Limits | None = None
     seed: int = 1234
     workers: int = 2
+    sandbox: str = "strict"
     info: dict = field(default_factory=dict)
     _ks: list[int] = field(default_factory=lambda: [1])
 
@@ -63,6 +66,7 @@ class HumanEvalTask:
             num_samples=n,
             completions=options.get("completions"),
             limits=options.get("sandbox_limits"),
+            sandbox=check_mode(options.get("sandbox") or "strict"),
             seed=options.get("seed", 1234),
             info={},
         )
@@ -106,14 +110,23 @@ class HumanEvalTask:
                 for doc in docs
             }
         _, samples, execution = humaneval.score(
-            docs, comps, allow_code_execution=True, limits=self.limits, workers=self.workers
+            docs,
+            comps,
+            allow_code_execution=True,
+            limits=self.limits,
+            workers=self.workers,
+            sandbox=self.sandbox,
         )
+        print(f"humaneval: sandbox mode {self.sandbox} ({_layers(execution['sandbox'])})",
+              file=sys.stderr)  # fmt: skip
         self._ks = [k for k in humaneval.PASS_AT_K if k <= execution["num_samples"]]
         self.info = {**execution, "completions_file": self.completions}
         return [
             [
-                {"completion": c, "status": st, "error": e}
-                for c, st, e in zip(s["completions"], s["status"], s["error"], strict=True)
+                {"completion": c, "status": st, "error": e, "sandbox": m}
+                for c, st, e, m in zip(
+                    s["completions"], s["status"], s["error"], s["sandbox"], strict=True
+                )
             ]
             for s in samples
         ]
@@ -132,11 +145,20 @@ class HumanEvalTask:
             "completions": [a["completion"] for a in answers],
             "status": [a["status"] for a in answers],
             "error": [a["error"] for a in answers],
+            "sandbox": [a["sandbox"] for a in answers],
             **scores,
         }
 
     def run_info(self) -> dict:
         return self.info
+
+
+def _layers(facts: dict) -> str:
+    seccomp = str(facts.get("seccomp", "?")).split(":")[0]
+    return (
+        f"identity: {facts.get('identity', '?')}; seccomp {seccomp}; "
+        f"cgroup {facts.get('limits', {}).get('cgroup', '?')}"
+    )
 
 
 @register_kind("mt_bench")
@@ -280,6 +302,13 @@ def add_arguments(p) -> None:
         help="humaneval: run model-written programs (in pyfast's sandbox)",
     )
     p.add_argument(
+        "--sandbox",
+        choices=MODES,
+        default="strict",
+        help="humaneval: strict (default: every layer or the run is refused), namespaces (no "
+        "seccomp / host-root identity accepted), weak (Python audit hook only, not a boundary)",
+    )
+    p.add_argument(
         "--num-samples",
         type=int,
         default=None,
@@ -319,6 +348,7 @@ def options_from_args(args) -> dict:
 
     return {
         "allow_code_execution": args.allow_code_execution,
+        "sandbox": args.sandbox,
         "num_samples": args.num_samples,
         "completions": args.completions,
         "judge": args.judge,

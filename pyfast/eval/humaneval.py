@@ -8,8 +8,12 @@ temperature 0.2, top_p 0.95, up to 1024 new tokens (``humaneval.yaml``). The pro
 ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` as in openai/human-eval's
 ``execution.py``; pass@k is the unbiased estimator of Chen et al. (2021).
 
-Executing model-written code is refused unless the caller opts in (``allow_code_execution``);
-every program runs in its own sandboxed process (pyfast/eval/sandbox.py).
+Executing model-written code is refused unless the caller opts in (``allow_code_execution``).
+Each sample runs split in two sandboxes (pyfast/eval/sandbox.py, docs/sandbox.md): the candidate
+(prompt + completion) only answers calls of the entry point; ``check`` (prompt + test) runs in a
+second sandbox and calls it through a pipe with plain data, so the verdict is out of the
+candidate's reach. Before any sample runs, :func:`pyfast.eval.sandbox.require` proves the chosen
+mode works here or raises SandboxUnavailable naming the missing layer.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from pyfast.eval import metrics
 from pyfast.eval.data import DataStore
-from pyfast.eval.sandbox import Limits, run_programs
+from pyfast.eval.sandbox import Limits, check_mode, require, run_check, run_many
 from pyfast.io import parse_jsonl
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -62,7 +66,23 @@ def truncate(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
+def candidate_source(problem: dict, completion: str) -> str:
+    """What the candidate sandbox runs: the prompt and the completion (never the test)."""
+    return problem["prompt"] + completion
+
+
+def loggable(text: str) -> str:
+    """`text` as it can be written to a UTF-8 log (a lone surrogate becomes its escape)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def build_program(problem: dict, completion: str) -> str:
+    """The single program of openai/human-eval (for reference and export; pyfast runs the
+    candidate and the check apart, see :func:`score`)."""
     return (
         problem["prompt"]
         + completion
@@ -132,21 +152,33 @@ def score(
     allow_code_execution: bool = False,
     limits: Limits | None = None,
     workers: int = 2,
-    isolation: str = "auto",
+    sandbox: str = "strict",
 ) -> tuple[dict, list[dict], dict]:
     """Runs every completion; returns (metrics, per-problem sample logs, execution facts).
 
     Metrics: n (problems) and pass@k (+ stderr over problems) for each k in (1, 10, 100) that
     every problem has enough samples for. Execution facts: samples per problem, status counts,
-    time, and the sandbox that ran (mode, namespaces, filesystem, rlimits).
+    time, and the sandbox that ran (mode, each layer, which limits were enforced how).
+
+    Raises:
+        ValueError: no ``allow_code_execution``, or an unknown sandbox mode.
+        SandboxUnavailable (a ValueError): a layer of `sandbox` cannot be set up here; nothing
+            ran. A sample's own trouble (cleanup included) only fails that sample.
     """
     if not allow_code_execution:
         raise ValueError(REFUSAL)
+    check_mode(sandbox)
+    facts = require(sandbox)
     jobs = [(p, c) for p in problems for c in completions[p["task_id"]]]
     t0 = time.perf_counter()
-    results = run_programs(
-        [build_program(p, c) for p, c in jobs], limits, workers=workers, isolation=isolation
-    )
+    calls = [
+        lambda p=p, c=c: run_check(
+            candidate_source(p, c), p["test"], p["entry_point"], p["prompt"], limits,
+            sandbox=sandbox,
+        )
+        for p, c in jobs
+    ]  # fmt: skip
+    results = run_many(calls, workers=workers)
     exec_s = time.perf_counter() - t0
     by_task: dict[str, list] = {}
     for (p, c), r in zip(jobs, results, strict=True):
@@ -169,8 +201,9 @@ def score(
                 "doc_id": doc_id,
                 "task_id": p["task_id"],
                 "context": p["prompt"],
-                "completions": [comp for comp, _ in runs],
+                "completions": [loggable(comp) for comp, _ in runs],
                 "status": [r.status for _, r in runs],
+                "sandbox": [r.isolation.get("mode", sandbox) for _, r in runs],
                 "error": [None if r.passed else r.output[-300:] for _, r in runs],
                 "num_correct": c,
                 **scores,
@@ -180,13 +213,17 @@ def score(
     for key, vals in per_k.items():
         res[key] = sum(vals) / len(vals)
         res[f"{key}_stderr"] = metrics.mean_stderr(vals)
-    sandbox = {k: v for k, v in results[0].isolation.items()} if results else {}
+    modes: dict[str, int] = {}
+    for r in results:
+        m = r.isolation.get("mode", sandbox)
+        modes[m] = modes.get(m, 0) + 1
     execution = {
         "num_samples": n_min,
         "programs": len(results),
         "status_counts": statuses,
         "execution_s": round(exec_s, 3),
         "wall_s": (limits or Limits()).wall_s,
-        "sandbox": sandbox,
+        "sandbox": {**facts, "mode": sandbox},
+        "sandbox_modes": modes,  # samples per mode that ran them: every sample, one mode
     }
     return res, samples, execution

@@ -76,7 +76,7 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
     assert res["pass@1"] == pytest.approx((1 / 3 + 19 / 2) / 20)  # c=1 of n=3, then n=2
     assert "pass@10" not in res
     assert execution["status_counts"] == {"passed": 20, "failed": 21}
-    assert execution["sandbox"]["mode"] in ("namespaces", "basic")
+    assert execution["sandbox"]["mode"] == "strict"
     assert samples[0]["error"][0] is None and "AssertionError" in samples[0]["error"][1]
 
 
@@ -136,7 +136,7 @@ def test_cli_scores_a_completions_file_without_a_model(tmp_path, problems, monke
     assert res["results"]["humaneval"]["n"] == 20 and res["model"]["spec"] is None
     info = res["task_info"]["humaneval"]
     assert info["status_counts"] == {"passed": 19, "failed": 1}
-    assert info["sandbox"]["mode"] in ("namespaces", "basic")
+    assert info["sandbox"]["mode"] == "strict"
     rows = [json.loads(x) for x in (out / "samples_humaneval.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows].count(["failed"]) == 1 and rows[3]["pass@1"] == 0.0
     assert "pass@1" in (out / "results.md").read_text()
@@ -174,3 +174,50 @@ def test_generation_path_with_a_tiny_model(tiny_model, tiny_tokenizer):
     assert r["n"] == 2 and r["pass@1"] == 0.0 and "pass@10" not in r  # a random model
     assert out["task_info"]["humaneval"]["num_samples"] == 2
     assert all(len(s["completions"]) == 2 for s in out["samples"]["humaneval"])
+
+
+def test_cli_refuses_a_downgraded_sandbox(tmp_path, problems, monkeypatch, capsys):
+    """unshare refused by the kernel (simulated with a seccomp wrapper): the CLI exits 2 with one
+    line naming the layer and the flag; nothing runs, nothing is written."""
+    from pyfast.cli import main
+    from pyfast.eval import sandbox
+
+    from .test_sandbox import _strict_available, _wrapper
+
+    if not _strict_available():
+        pytest.skip("no user namespaces here")
+    monkeypatch.setattr(sandbox, "LAUNCH_PREFIX", _wrapper(tmp_path, "unshare"))
+    comps = _completions_file(tmp_path / "samples.jsonl", problems[:2])
+    out = tmp_path / "run"
+    args = ["eval", "--tasks", "humaneval", "--completions", str(comps), "--data-dir", str(DATA)]
+    assert main([*args, "--allow-code-execution", "--limit", "2", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer namespaces" in err[0] and "--sandbox weak" in err[0], err
+    assert not (out / "results.json").exists()
+    monkeypatch.setattr(sandbox, "LAUNCH_PREFIX", ())
+    rc = main([*args, "--allow-code-execution", "--limit", "2", "--output", str(out), "--sandbox",
+               "weak", "--log-samples"])  # fmt: skip
+    assert rc == 0
+    assert "sandbox mode weak" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["task_info"]["humaneval"]["sandbox_modes"] == {"weak": 2}
+    rows = [json.loads(x) for x in (out / "samples_humaneval.jsonl").read_text().splitlines()]
+    assert [r["sandbox"] for r in rows] == [["weak"], ["weak"]]
+
+
+def test_forged_and_broken_samples_fail_alone(problems):
+    """Wrong answers dressed as right ones fail; a lone surrogate fails only its sample."""
+    p = problems[1]  # largest_divisor(n: int) -> int
+    comps = {
+        p["task_id"]: [
+            p["canonical_solution"],
+            "    class Eq(int):\n        def __eq__(self, o):\n            return True\n"
+            "    return Eq(1)\n",
+            "    import gc\n    return [o for o in gc.get_objects() if 'nonce' in str(o)[:50]]\n",
+            "    return '\ud800'\n",
+        ]
+    }
+    res, samples, execution = humaneval.score([p], comps, allow_code_execution=True, limits=QUICK)
+    assert samples[0]["status"] == ["passed", "failed", "failed", "failed"]
+    assert "\\ud800" in samples[0]["completions"][3]  # loggable as UTF-8
+    assert res["pass@1"] == pytest.approx(0.25)
