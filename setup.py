@@ -3,7 +3,8 @@
 CPU kernels are always built, with the host's SIMD level (AVX512 / AVX2 / DEFAULT, from
 torch.backends.cpu.get_cpu_capability(), or PYFAST_CPU_CAPABILITY). CUDA kernels are built when
 nvcc is found and torch is a CUDA build, unless PYFAST_BUILD_CUDA=0 (quick CPU-only iteration).
-CUDA targets sm_90 plus PTX unless TORCH_CUDA_ARCH_LIST says otherwise.
+CUDA targets sm_80, sm_86, sm_89, sm_90 plus compute_90 PTX unless TORCH_CUDA_ARCH_LIST says
+otherwise. The torch version compiled against is recorded in the extension (``_C.torch_version``).
 
 Install with `pip install --no-build-isolation -e .` after torch is installed, so that the
 extension is compiled against the very torch it runs with (see README, "Installing").
@@ -63,6 +64,26 @@ def cpu_capability():
     if cap not in CPU_CAPABILITY_FLAGS:
         cap = "DEFAULT"
     return cap
+
+
+# Default CUDA targets: Ampere (A100 sm_80; A10/RTX 30xx sm_86), Ada (L4/L40/RTX 40xx sm_89) and
+# Hopper (H100/H200 sm_90) as machine code, plus compute_90 PTX that newer GPUs JIT-compile.
+# TORCH_CUDA_ARCH_LIST (torch's own variable, e.g. "9.0" or "8.0;8.6+PTX") replaces the list.
+DEFAULT_CUDA_ARCHS = ["80", "86", "89", "90"]
+
+
+def default_gencode() -> list[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in DEFAULT_CUDA_ARCHS]
+    last = DEFAULT_CUDA_ARCHS[-1]
+    return flags + [f"-gencode=arch=compute_{last},code=compute_{last}"]
+
+
+def torch_version() -> str:
+    """The version of the torch being compiled against, recorded in _C (pyfast._extension
+    refuses a _C whose torch differs from the one it runs with)."""
+    import torch
+
+    return torch.__version__
 
 
 def cuda_wanted():
@@ -146,6 +167,7 @@ def extensions():
         f"-DCPU_CAPABILITY={cap}",
         f"-DCPU_CAPABILITY_{cap}",
         f'-DPYFAST_CPU_CAPABILITY_NAME="{cap}"',
+        f'-DPYFAST_TORCH_VERSION="{torch_version()}"',
     ] + CPU_CAPABILITY_FLAGS[cap]
     if cap == "DEFAULT":  # at::vec's generic path defines no CPU_CAPABILITY_DEFAULT macro use
         cxx = [f for f in cxx if f != "-DCPU_CAPABILITY_DEFAULT"]
@@ -159,7 +181,7 @@ def extensions():
         ]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DPYFAST_WITH_CUDA"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        nvcc += ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+        nvcc += default_gencode()
     print(f"pyfast: building CPU (SIMD: {cap}) and CUDA kernels", file=sys.stderr)
     return [
         CUDAExtension(

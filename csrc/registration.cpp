@@ -5,8 +5,16 @@
 
 #include "ops.h"
 
+#ifndef PYFAST_TORCH_VERSION
+#define PYFAST_TORCH_VERSION "unknown"
+#endif
+
 // Importing pyfast._C (an ordinary Python extension module) runs the static registrations below.
 extern "C" {
+// The torch this extension was compiled against, also readable from the file without loading it
+// (a _C built against another torch often fails to load at all): pyfast._extension scans for it.
+__attribute__((used)) const char pyfast_build_torch[] = "pyfast-build-torch=" PYFAST_TORCH_VERSION;
+
 static struct PyModuleDef pyfast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&pyfast_module);
@@ -19,6 +27,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   // The SIMD level the CPU kernels were compiled for; pyfast refuses to use them on a CPU
   // that lacks it (instead of dying on an illegal instruction).
   PyModule_AddStringConstant(m, "cpu_capability", PYFAST_CPU_CAPABILITY_NAME);
+  PyModule_AddStringConstant(m, "torch_version", PYFAST_TORCH_VERSION);
   return m;
 }
 }

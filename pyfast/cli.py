@@ -185,7 +185,13 @@ def _recipe_args(p, example: str) -> None:
         nargs="?",
         const="latest",
         default=None,
-        help="continue from a checkpoint folder (default: the newest under output_dir)",
+        help="continue the run in output_dir from a checkpoint folder (default: its newest); "
+        "only max_steps, epochs and other run-length keys may change (docs/runs.md)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="output_dir holds another run: move it aside to <output_dir>.old-<time> first",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
 
@@ -197,12 +203,17 @@ def _run_recipe(args, load_config, recipe_cls):
     from pyfast.train import TrainingStopped
     from pyfast.train.config import to_dict
 
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume max_steps=8`: argparse took the override for --resume's optional folder;
+        # it was typed after the other overrides, so it comes last (wins over an earlier one)
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return cfg, None
     try:
-        summary = recipe_cls(cfg, resume=args.resume).run()
+        summary = recipe_cls(cfg, resume=args.resume, overwrite=args.overwrite).run()
     except TrainingStopped as exc:
         raise ValueError(str(exc)) from None
     return cfg, summary if os.environ.get("RANK", "0") == "0" else None
@@ -276,8 +287,21 @@ def _align(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyfast import __version__, extension_info
+
+    ext = extension_info()
+    kernels = (
+        f"_C {ext['cpu_capability']}" + (" + CUDA" if ext["cuda_kernels"] else "")
+        if ext["compiled"]
+        else "reference ops (no _C)"
+    )
     parser = argparse.ArgumentParser(
         prog="pyfast", description="Fine-tune, align and evaluate bespoke LLMs on fused kernels."
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pyfast {__version__} (torch {ext['torch']}, {kernels})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _bench(sub)

@@ -119,6 +119,28 @@ def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
     )
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or incomplete model file raises from from_pretrained: safetensors'
+    SafetensorError (a plain Exception), OSError from transformers and torch, and the
+    UnicodeDecodeError / JSON errors of a damaged config (ValueError)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def load_model(
     spec: str | os.PathLike,
     device="cpu",
@@ -142,14 +164,17 @@ def load_model(
     kind, info = resolve_model(spec)
     torch_dtype = parse_dtype(dtype)
     path = Path(info["path"])
-    if kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch_dtype
-        )
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        if kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype
+            )
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except _LOAD_ERRORS as exc:
+        raise ValueError(f"cannot load the model at {path}: {_first_line(exc)}") from None
     model.to(device).eval()
     check_transformers()
     check_head(model)  # refuses a head whose logits pyfast's fused kernels would not give

@@ -85,3 +85,65 @@ def test_import_without_extension_warns_once_and_falls_back():
     )
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
+
+
+def test_extension_records_the_torch_it_was_built_against():
+    from pyfast import _extension
+
+    assert pyfast.HAS_C
+    assert _extension._C.torch_version == torch.__version__
+    assert _extension.built_torch_of(_extension._C.__file__) == torch.__version__
+    assert pyfast.extension_info()["built_against_torch"] == torch.__version__
+
+
+_MISMATCH = (
+    "import importlib, sys, torch\n"
+    "torch.__version__ = '0.0.0+other'\n"
+    "if sys.argv[1] == 'unloadable':  # as a _C built against another torch's ABI fails\n"
+    "    real = importlib.import_module\n"
+    "    def fail(name, *a):\n"
+    "        if name == 'pyfast._C':\n"
+    "            raise ImportError('_C.so: undefined symbol: _ZN3c10')\n"
+    "        return real(name, *a)\n"
+    "    importlib.import_module = fail\n"
+    "try:\n"
+    "    import pyfast\n"
+    "except ImportError as exc:\n"
+    "    print(type(exc).__name__, exc)\n"
+)
+
+
+def test_a_build_against_another_torch_fails_with_the_rebuild_command():
+    for case in ("loads", "unloadable"):
+        out = subprocess.run(
+            [sys.executable, "-c", _MISMATCH, case], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env={k: v for k, v in os.environ.items() if k != "PYFAST_DISABLE_C"},
+        )  # fmt: skip
+        line = out.stdout.strip()
+        assert line.count("\n") == 0 and line.startswith("ExtensionMismatch pyfast._C"), out
+        assert f"built against torch {torch.__version__} but torch 0.0.0+other" in line
+        assert "pip install --no-build-isolation --no-deps --force-reinstall -e" in line
+
+
+def test_cuda_targets_ampere_ada_hopper_and_ptx_by_default():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [n for n in tree.body if isinstance(n, ast.Assign | ast.FunctionDef)
+            and getattr(n, "name", None) in (None, "default_gencode")]  # fmt: skip
+    scope: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), scope)
+    assert scope["default_gencode"]() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_86,code=sm_86",
+        "-gencode=arch=compute_89,code=sm_89",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    assert 'os.environ.get("TORCH_CUDA_ARCH_LIST")' in (ROOT / "setup.py").read_text()
+
+
+def test_distribution_name_is_not_the_taken_pyfast():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^name = "pyfast-llm"', text, re.M)
+    from pyfast._extension import DISTRIBUTION
+
+    assert DISTRIBUTION == "pyfast-llm"

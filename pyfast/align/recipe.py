@@ -27,6 +27,8 @@ from pyfast.align.config import AlignConfig
 from pyfast.align.data import (
     PairReport,
     TokenizedPair,
+    _is_messages,
+    _row_to_pair,
     collate_pairs,
     collate_shared_prompt,
     read_pairs,
@@ -44,7 +46,7 @@ from pyfast.align.losses import (
 from pyfast.align.reference import model_fingerprint, reference_logps
 from pyfast.io import write_json
 from pyfast.ops.packed_linear import packed_for_inference
-from pyfast.train.data import pad_id_of
+from pyfast.train.data import pad_id_of, read_jsonl
 from pyfast.train.recipe import Recipe
 
 PLOTTED = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -83,8 +85,8 @@ class AlignRecipe(Recipe):
 
     cfg: AlignConfig
 
-    def __init__(self, cfg: AlignConfig, resume=None):
-        super().__init__(cfg, resume)
+    def __init__(self, cfg: AlignConfig, resume=None, overwrite: bool = False):
+        super().__init__(cfg, resume, overwrite)
         self._means: _Means | None = None
 
     # -- data ----------------------------------------------------------------------------------
@@ -145,6 +147,26 @@ class AlignRecipe(Recipe):
             AlignExample(p, float(c), float(r))
             for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True)
         ]
+
+    def check_data(self) -> None:
+        """Reads the pair files before the model loads: a missing file, malformed JSONL, or a row
+        that is not a text or chat pair fails here, naming file and line (a chat pair's template
+        is applied, and checked, once the tokenizer has loaded)."""
+        d = self.cfg.data
+        if not d.path:
+            raise ValueError("no preference data: set data.path (prompt/chosen/rejected JSONL)")
+        for path in [*d.path, *d.eval_path]:
+            rows = read_jsonl(path)
+            if not rows:
+                raise ValueError(f"{path}: no preference pairs")
+            for row in rows:
+                chosen, rejected = row.data.get("chosen"), row.data.get("rejected")
+                if (
+                    isinstance(chosen, str)
+                    or isinstance(rejected, str)
+                    or not (_is_messages(chosen) and _is_messages(rejected))
+                ):
+                    _row_to_pair(row.data, None, row.where)  # raises naming the field
 
     def load_data(self):
         return self._examples

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from pyfast.io import write_json, write_text
+from pyfast.io import WriteError, apply_umask, write_json, write_text
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -74,22 +74,27 @@ def save_model(
 def atomic_dir(final: Path, fill) -> Path:
     """Calls ``fill(tmp)`` on a hidden folder beside `final`, then swaps it into place.
 
-    On error the temporary folder is removed and an existing `final` stays as it was.
+    On error the temporary folder is removed and an existing `final` stays as it was; an
+    OSError (disk full, no permission) is raised as :class:`pyfast.io.WriteError` naming `final`.
+    Files and folders get the user's umask (:func:`pyfast.io.apply_umask`).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        fill(tmp)
-    except BaseException:
+        final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        fill(tmp)
+        apply_umask(tmp)
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise WriteError.of(final, exc) from exc
         raise
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -168,26 +173,38 @@ def read_state(path: Path) -> tuple[dict, dict]:
     path = Path(path)
     if not (path / STATE_JSON).is_file() or not (path / STATE_PT).is_file():
         raise ValueError(f"{path} is not a complete pyfast checkpoint (no {STATE_JSON})")
-    meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-    blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=False)
+    try:
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise ValueError(f"{path}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
     return meta, blob
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The tensors of safetensors file `path`; ValueError naming it when it is damaged."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ValueError(f"{path}: damaged safetensors file ({exc})") from None
 
 
 def load_weights_into(model, path: Path) -> None:
     """Loads the trained weights of checkpoint `path` into `model` (full, PEFT, scalar head)."""
-    from safetensors.torch import load_file
-
+    load_file = _load_safetensors
     path = Path(path)
     base = model.get_base_model() if is_peft(model) else model
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
         state = {}
         for f in sorted(path.glob("*.safetensors")):
             if f.name != "score_head.safetensors":
-                state.update(load_file(str(f)))
+                state.update(load_file(f))
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
@@ -197,4 +214,4 @@ def load_weights_into(model, path: Path) -> None:
             )
     head = getattr(base, "score_head", None)
     if head is not None and (path / "score_head.safetensors").is_file():
-        head.load_state_dict(load_file(str(path / "score_head.safetensors")))
+        head.load_state_dict(load_file(path / "score_head.safetensors"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,8 +308,51 @@ def apply_overrides(values: dict, overrides: list[str], cls) -> dict:
     return values
 
 
+# Keys of a config file that name local files or folders to read: relative values resolve
+# against the config file's folder (values given as key=value overrides stay relative to the
+# working directory, like any command-line path).
+CONFIG_PATH_KEYS = (("model", "name"), ("data", "path"), ("data", "eval_path"),
+                    ("eval", "tasks_data_dir"))  # fmt: skip
+
+
+def _resolve_one(value, base: Path, must_be_file: bool):
+    if not isinstance(value, str) or not value or value == "default" or value.startswith("hf:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base / p
+    if candidate.exists():
+        return os.path.normpath(candidate)
+    if must_be_file and value.endswith(".jsonl") and not p.exists():
+        return os.path.normpath(candidate)  # the file the config means: its error names it
+    return value  # a dataset / hub id, or a path that exists relative to the working directory
+
+
+def resolve_config_paths(values: dict, base: Path) -> dict:
+    """`values` (a config file's mapping) with the relative paths of :data:`CONFIG_PATH_KEYS`
+    resolved against `base`, the config file's folder. A value is rewritten where that path
+    exists (or, for a ``.jsonl`` data file, where nothing of that name exists relative to the
+    working directory either); dataset ids, ``hf:`` sources and 'default' stay as they are, and
+    so does a relative path that exists only relative to the working directory (configs written
+    before this rule keep working when run from their old place)."""
+    for section, key in CONFIG_PATH_KEYS:
+        node = values.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value, data = node[key], section == "data"
+        if isinstance(value, list):
+            node[key] = [_resolve_one(v, base, data) for v in value]
+        else:
+            node[key] = _resolve_one(value, base, data)
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=None):
     """Loads YAML file `path` (optional) plus ``key=value`` overrides into `cls` (TrainConfig).
+
+    Relative data paths in the file resolve against the file's folder
+    (:func:`resolve_config_paths`); those in `overrides` against the working directory.
 
     Raises:
         FileNotFoundError: the config file is missing.
@@ -326,7 +370,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"{path}: malformed YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        values = loaded or {}
+        values = resolve_config_paths(loaded or {}, path.parent)
     values = apply_overrides(values, list(overrides or []), cls)
     try:
         cfg = build(cls, values)

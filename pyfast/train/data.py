@@ -107,11 +107,45 @@ def read_rows(paths: list[str], hf_config: str | None = None, split: str = "trai
     for spec in paths:
         if spec.startswith("hf:"):
             rows += read_hf(spec[3:], hf_config, split)
-        elif spec.endswith(".jsonl") or Path(spec).exists():
+        elif _is_local(spec):
             rows += read_jsonl(spec)
         else:
             rows += read_hf(spec, hf_config, split)
     return rows
+
+
+def _is_local(spec: str) -> bool:
+    """Whether a data source is a local file (as :func:`read_rows` decides)."""
+    return not spec.startswith("hf:") and (spec.endswith(".jsonl") or Path(spec).exists())
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Reads every local data file of `cfg` (dataset ids are left to the loader): a missing
+    file, malformed JSONL, an empty file, or a row without the fields of the format (data.format,
+    or the one the first row shows) raises here, before a model is loaded.
+
+    Raises:
+        FileNotFoundError: a missing data file.
+        ValueError: naming ``file:line`` and the field.
+    """
+    if not cfg.path:
+        raise ValueError("no training data: set data.path (a .jsonl file or a dataset id)")
+    fmt = None if cfg.format == "auto" else cfg.format
+    for spec in [*cfg.path, *cfg.eval_path]:
+        if not _is_local(spec):
+            continue
+        rows = read_jsonl(spec)
+        if not rows:
+            raise ValueError(f"empty dataset: {spec} has no rows")
+        fmt = fmt or detect_format(rows)
+        for row in rows:
+            missing = [k for k in FORMAT_FIELDS[fmt] if k not in row.data]
+            if missing:
+                has = ", ".join(sorted(row.data)) or "no fields"
+                raise ValueError(
+                    f"{row.where}: missing field {missing[0]!r} of data format {fmt} "
+                    f"(row has {has})"
+                )
 
 
 def detect_format(rows: list[Row]) -> str:

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["evaluate before"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[2/3] fine-tuning with {args.config}")
-    summary = Recipe(cfg).run()
+    summary = Recipe(cfg, overwrite=True).run()  # the demo's own folder: a rerun replaces it
     timings["fine-tune"] = time.perf_counter() - t
     t = time.perf_counter()
     final = Path(cfg.output_dir) / ("best" if summary["best_step"] is not None else "final")

@@ -33,15 +33,23 @@ from torch import nn
 
 from pyfast.hf.head import logit_map
 from pyfast.hf.packing import decoder_hidden, prepare_segments
-from pyfast.io import atomic_write, write_json
+from pyfast.io import WriteError, atomic_write, write_json
 from pyfast.ops import grad_mask_, linear_cross_entropy
 from pyfast.ops.packed_linear import packed_for_inference, packed_frozen
 from pyfast.ops.segments import SegmentedAttention
 from pyfast.optim import FusedAdamW
 from pyfast.train import checkpoint as ckpt
 from pyfast.train.config import TrainConfig, to_dict
-from pyfast.train.data import IGNORE_INDEX, collate, epoch_order, load_examples, pad_id_of
+from pyfast.train.data import (
+    IGNORE_INDEX,
+    check_data_files,
+    collate,
+    epoch_order,
+    load_examples,
+    pad_id_of,
+)
 from pyfast.train.freeze import FreezePlan, apply_freeze
+from pyfast.train.run_folder import FolderError, RunFolder
 from pyfast.train.schedule import build_scheduler
 
 
@@ -120,11 +128,24 @@ class Recipe:
     Args:
         cfg: the resolved :class:`TrainConfig`.
         resume: a checkpoint folder, or "latest" for the newest under ``output_dir``.
+        overwrite: move what ``output_dir`` holds aside (``<out>.old-<time>``) and start anew.
+
+    ``output_dir`` follows :mod:`pyfast.train.run_folder`'s rules: a new run needs a new or
+    empty folder, ``resume`` continues the folder's own run (same config but for a few keys),
+    and the folder is locked from :meth:`setup` to :meth:`cleanup`.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
+        self.folder: RunFolder | None = None  # rank 0: the locked output folder
+        self.run_info: dict = {}  # rank 0: the run record (run.json)
         self.out = Path(cfg.output_dir)
         self.rank, self.world = 0, 1
         self.fsdp = False  # sharded with fully_shard (distributed=fsdp under torchrun)
@@ -154,6 +175,11 @@ class Recipe:
             recompute_mlp=self.cfg.model.recompute_mlp,
         )
         return model, tok
+
+    def check_data(self) -> None:
+        """Reads the local data files before the model loads: a missing file, malformed JSONL or
+        a row without the format's fields fails here, in seconds, naming file and line."""
+        check_data_files(self.cfg.data)
 
     def load_data(self):
         """(train examples, held-out examples); also sets ``self.data_stats``."""
@@ -217,24 +243,51 @@ class Recipe:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
 
+    def _claim_output(self) -> Path | None:
+        """Rank 0 locks ``output_dir`` and applies the folder rules (every rank gets the same
+        verdict); returns the checkpoint to resume from, if any."""
+        err, found = None, None
+        if self.rank == 0:
+            self.folder = RunFolder(self.out)
+            try:
+                self.run_info, found = self.folder.claim(
+                    to_dict(self.cfg), self.resume, self.overwrite, self.log
+                )
+            except FolderError as exc:
+                err = str(exc)
+        if self.world > 1:
+            box = [err, None if found is None else str(found)]
+            dist.broadcast_object_list(box, src=0)
+            err, found = box[0], None if box[1] is None else Path(box[1])
+        if err:
+            raise FolderError(err)
+        return found
+
+    def _release_output(self) -> None:
+        if self.folder is not None:
+            self.folder.release()
+
     def setup(self) -> None:
-        """Loads model, data, freezing policy, optimizer and schedule; restores a checkpoint."""
+        """Claims ``output_dir``, checks the data files, then loads model, data, freezing
+        policy, optimizer and schedule; restores a checkpoint."""
         cfg = self.cfg
         if cfg.threads:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(cfg.threads)
         self._init_distributed()
         torch.manual_seed(cfg.seed)
-        resume_from = None
-        if self.resume:
-            resume_from = (
-                ckpt.latest_checkpoint(self.out)
-                if str(self.resume) == "latest"
-                else Path(self.resume)
-            )
-            if resume_from is None:
-                raise ValueError(f"--resume: no checkpoint found under {self.out / 'checkpoints'}")
+        resume_from = self._claim_output()
+        try:
+            self._setup(resume_from)
+        except BaseException:
+            self._release_output()
+            raise
+
+    def _setup(self, resume_from: Path | None) -> None:
+        cfg = self.cfg
+        if resume_from is not None:
             meta, blob = ckpt.read_state(resume_from)
+        self.check_data()
         model, self.tokenizer = self.load_model(cfg.model.name)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -302,9 +355,9 @@ class Recipe:
             self.history = [h for h in self._read_metrics() if h.get("step", 0) <= self.step]
             self.log(f"resumed from {resume_from} at step {self.step}")
         elif self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.rank == 0:
+            self.folder.write_run(self.run_info)
             self._rewrite_metrics()
 
     def _log_data(self) -> None:
@@ -609,6 +662,7 @@ class Recipe:
                 "best_step": self.best_step,
                 "since_best": self._since_best,
                 "world_size": self.world,
+                "run_id": self.run_info.get("run_id"),
             }
             ckpt.save_checkpoint(
                 path,
@@ -641,8 +695,12 @@ class Recipe:
     def record(self, entry: dict) -> None:
         self.history.append(entry)
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+            path = self.out / "metrics.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as exc:
+                raise WriteError.of(path, exc) from exc
 
     def plot(self) -> Path | None:
         """Writes loss_curve.png (train loss per step, held-out loss per evaluation)."""
@@ -738,7 +796,8 @@ class Recipe:
         return summary
 
     def cleanup(self) -> None:
-        """Restores the thread count and leaves the process group."""
+        """Releases ``output_dir``'s lock, restores the thread count, leaves the process group."""
+        self._release_output()
         if getattr(self, "_threads_before", None):
             torch.set_num_threads(self._threads_before)
         if self.world > 1 and dist.is_initialized():
@@ -746,8 +805,8 @@ class Recipe:
 
     def run(self) -> dict:
         """setup(), train(), cleanup() — the whole job."""
-        self.setup()
         try:
+            self.setup()
             return self.train()
         finally:
             self.cleanup()

@@ -96,7 +96,7 @@ def test_dpo_raises_heldout_preference_accuracy(overrides, capsys):
     assert (out / "final" / "config.json").is_file()
     assert "reference log-probs of 64 pairs computed" in capsys.readouterr().out
     # a second run reads the cached reference log-probs
-    run(overrides, "max_steps=1", "eval.every=0")
+    run(overrides, "max_steps=1", "eval.every=0", f"output_dir={out.parent / 'again'}")
     assert "reference log-probs of 64 pairs read from" in capsys.readouterr().out
 
 

@@ -84,3 +84,42 @@ def test_recompute_mlp_needs_the_fused_blocks():
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config("nope.yaml")
+
+
+ALIGN_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "align").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS + ALIGN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_find_their_data_from_any_directory(path, tmp_path, monkeypatch):
+    from pyfast.align.config import load_config as load_align
+
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    cfg = (load_align if path.parent.name == "align" else load_config)(path)
+    assert cfg.data.path and all(Path(p).is_file() for p in cfg.data.path), cfg.data.path
+
+
+def test_config_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "data" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "proj" / "bench").mkdir()
+    conf = tmp_path / "proj" / "conf.yaml"
+    conf.write_text(
+        "data:\n  path: [data/a.jsonl, hf:org/set, org/set]\n  eval_path: data/missing.jsonl\n"
+        "eval:\n  tasks_data_dir: bench\nmodel:\n  name: default\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(Path("..") / "proj" / "conf.yaml")  # a relative --config
+    proj = Path("..") / "proj"
+    assert cfg.data.path == [str(proj / "data" / "a.jsonl"), "hf:org/set", "org/set"]
+    assert cfg.data.eval_path == [str(proj / "data" / "missing.jsonl")]  # its error names it
+    assert cfg.eval.tasks_data_dir == str(proj / "bench") and cfg.model.name == "default"
+    # the command line's paths stay relative to the working directory
+    assert load_config(conf).data.path[0] == str(tmp_path / "proj" / "data" / "a.jsonl")
+    cfg = load_config(conf, ["data.path=data/a.jsonl"])
+    assert cfg.data.path == ["data/a.jsonl"]
+    # a config written for the working directory (the old rule) keeps working there
+    (elsewhere / "old.jsonl").write_text("{}\n")
+    conf.write_text("data:\n  path: old.jsonl\n")
+    assert load_config(conf).data.path == ["old.jsonl"]

@@ -82,7 +82,8 @@ def test_update_in_backward_matches_step_and_checks_its_limits(base_overrides, t
     for bad, key in [("optim.max_grad_norm=1.0", "optim.max_grad_norm=1.0"),
                      ("grad_accum=2", "grad_accum=2"),
                      ("optim.name=torch_adamw", "optim.name=torch_adamw")]:  # fmt: skip
-        r = Recipe(load_config(None, [*common, "optim.update_in_backward=true", bad]))
+        r = Recipe(load_config(None, [*common, "optim.update_in_backward=true", bad,
+                                      f"output_dir={tmp_path / 'refused'}"]))  # fmt: skip
         with pytest.raises(ValueError, match=rf"update_in_backward=true cannot be used with {key}"):
             r.setup()
 
@@ -96,6 +97,7 @@ def test_resume_reproduces_the_uninterrupted_curve(base_overrides, tmp_path):
     for _ in range(3):  # "interrupted" after step 3's checkpoint
         first.record(first.train_step())
     first.save_checkpoint()
+    first.cleanup()  # the "killed" run's lock goes with its process
     resumed = Recipe(load_config(None, part), resume="latest")
     resumed.run()
     assert [h["step"] for h in resumed.history if "loss" in h] == [1, 2, 3, 4, 5, 6]
@@ -203,7 +205,7 @@ def test_cli_train_and_eval_of_the_result(base_overrides, tmp_path, capsys):
     assert "| arc_easy | 2 | acc |" in capsys.readouterr().out
     assert main(["train", "optim.lrr=3"]) == 2
     assert "unknown config key optim.lrr; did you mean optim.lr?" in capsys.readouterr().err
-    assert main(["train", *base_overrides, "optim.lr=1e9", "max_steps=6"]) == 2
+    assert main(["train", *base_overrides, "optim.lr=1e9", "max_steps=6", "--overwrite"]) == 2
     assert "non-finite training loss" in capsys.readouterr().err
 
 
@@ -224,7 +226,9 @@ def test_bf16_autocast_and_benchmark_tasks_during_training(base_overrides):
     last = recipe.history[-1]
     assert math.isfinite(last["loss"]) and last["step"] == 2
     assert 0.0 <= last["arc_easy/acc"] <= 1.0 and "arc_easy/acc_norm" in last
-    fp32 = Recipe(load_config(None, [*base_overrides, "max_steps=1", "eval.every=0"]))
+    fp32 = Recipe(
+        load_config(None, [*base_overrides, "max_steps=1", "eval.every=0"]), overwrite=True
+    )
     fp32.setup()
     batch = fp32.collate(fp32.train_examples[:4])
     ref, _ = fp32.compute_loss(fp32.model, batch)
