@@ -573,8 +573,13 @@ class HFLM(LM):
         targets = torch.tensor([rows[chunk[i]][1][k + 1] for i, k in sel])
         return h_cont[ii, kk], targets, torch.tensor(chunk)[ii]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], progress: Callable | None = None
+    ) -> list[tuple[float, bool]]:
         """Scores (context, continuation) pairs; returns [(logprob, is_greedy)] in input order.
+
+        `progress(requests, tokens)` is called after each forward batch with its number of
+        requests and of input tokens (context + continuation tokens of its groups).
 
         Raises ValueError for a continuation with no tokens or longer than max_length.
         """
@@ -589,14 +594,22 @@ class HFLM(LM):
                 if self.packed and self.segmented:
                     # One unpadded row per forward pass, up to batch_size * row_tokens tokens.
                     packs = _packs(groups, self.batch_size * self.row_tokens)
-                    scored = (self._score_packed([pack], self.segmented) for pack in packs)
+                    batches = [[pack] for pack in packs]
+                    score = lambda b: self._score_packed(b, self.segmented)  # noqa: E731
                 elif self.packed:
-                    scored = map(self._score_packed, self._padded_batches(groups))
+                    batches, score = self._padded_batches(groups), self._score_packed
                 else:
-                    scored = map(self._score_batch, self._batches(groups))
-                for batch_scores in scored:
+                    batches, score = [[[g] for g in b] for b in self._batches(groups)], None
+                for batch in batches:
+                    if score is None:
+                        batch_scores = self._score_batch([row[0] for row in batch])
+                    else:
+                        batch_scores = score(batch)
                     for i, lp, greedy in batch_scores:
                         results[i] = (lp, greedy)
+                    if progress is not None:
+                        n = sum(len(g.prefix) + sum(map(len, g.conts)) for r in batch for g in r)
+                        progress(len(batch_scores), n)
         finally:
             self.model.train(was_training)
         self.stats["requests"] += len(requests)
