@@ -136,8 +136,8 @@ def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
     if _hub_shaped(spec):
         return "hub", {"id": spec}
     raise ValueError(
-        f"model {spec!r} is neither 'default', a .gguf file, a Hugging Face model folder nor a "
-        "hub id (org/name)"
+        f"model {spec!r} is neither 'default', a .gguf file nor a Hugging Face model or LoRA "
+        "adapter folder, nor a hub id (org/name)"
     )
 
 
