@@ -58,34 +58,64 @@ def _eval(sub):
         "eval", help="score a model on benchmarks (lm-evaluation-harness compatible)"
     )
     p.add_argument(
-        "--model", default="default", help="'default' (SmolLM2-135M), HF folder or .gguf"
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M), HF folder, LoRA adapter folder, .gguf or hub id; "
+        "lm-eval's 'hf' with --model_args pretrained=...",
+    )
+    p.add_argument(
+        "--model_args",
+        "--model-args",
+        default=None,
+        help="lm-eval spelling: pretrained=MODEL[,dtype=...,max_length=N] (with --model hf)",
     )
     p.add_argument(
         "--tasks", required=True, help="comma-separated task/group names (pyfast ls tasks)"
     )
-    p.add_argument("--num-fewshot", type=int, default=None, help="shots per prompt (default 0)")
+    p.add_argument(
+        "--num-fewshot",
+        "--num_fewshot",
+        type=int,
+        default=None,
+        help="shots per prompt (default 0)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents")
-    p.add_argument("--batch-size", type=_batch_size, default=16, help="requests per pass, or auto")
+    p.add_argument(
+        "--batch-size",
+        "--batch_size",
+        type=_batch_size,
+        default=16,
+        help="requests per pass, or auto",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--data-dir", default=None, help="local <dir>/<data-name>/<split>.jsonl files")
+    p.add_argument(
+        "--data-dir", "--data_dir", default=None, help="local <dir>/<data-name>/<split>.jsonl files"
+    )
     p.add_argument(
         "--split",
         default=None,
         help="split to evaluate instead of each task's own: SPLIT and/or TASK=SPLIT, "
         "comma-separated (e.g. validation,hellaswag=train)",
     )
-    p.add_argument("--output", default=None, help="folder for results.json/.md/.png (+ samples)")
-    p.add_argument("--log-samples", action="store_true", help="write samples_<task>.jsonl")
+    p.add_argument(
+        "--output", "--output_path", "--output-path", default=None,
+        help="folder for results.json/.md/.png (+ samples, caches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-samples", "--log_samples", action="store_true", help="write samples_<task>.jsonl"
+    )
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
     p.add_argument(
         "--apply-chat-template",
+        "--apply_chat_template",
         action="store_true",
         help="generation tasks: render prompts with the model's chat template, few-shot "
         "examples as turns",
     )
     p.add_argument(
         "--gen-kwargs",
+        "--gen_kwargs",
         default=None,
         help="override generation settings: KEY=VALUE,... with temperature, top_p, top_k, "
         "max_gen_toks, do_sample, seed",
@@ -93,7 +123,8 @@ def _eval(sub):
     p.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the generations cached in --output by an interrupted run",
+        help="reuse the generations and log-likelihoods cached in --output by an interrupted "
+        "run (same model and settings): the same results as an uninterrupted run",
     )
     p.add_argument(
         "--pack-weights",
@@ -112,9 +143,12 @@ def _eval(sub):
         from pyfast.eval import evaluate
         from pyfast.eval.bench_tasks import options_from_args
         from pyfast.eval.registry import expand
-        from pyfast.eval.report import markdown_table, write_run
+        from pyfast.eval.report import check_output_dir, markdown_table, write_run
         from pyfast.models import resolve_model
 
+        _lm_eval_model_args(args)
+        if args.output:  # a file in the way or no permission: fail before any work
+            check_output_dir(args.output)
         expand(args.tasks.split(","))  # unknown task names fail before the model loads
         if args.model != "default":
             resolve_model(args.model)
@@ -126,36 +160,89 @@ def _eval(sub):
             from pyfast.eval.generation import parse_gen_kwargs
 
             parse_gen_kwargs(args.gen_kwargs)  # bad settings fail before the model loads
-        out = evaluate(
-            args.model,
-            args.tasks,
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            data_dir=args.data_dir,
-            split=args.split,
-            seed=args.seed,
-            log_samples=args.log_samples,
-            apply_chat_template=args.apply_chat_template,
-            gen_kwargs=args.gen_kwargs,
-            output=args.output,
-            resume=args.resume,
-            task_options=options_from_args(args),
-            pack_weights={"auto": None, "on": True, "off": False}[args.pack_weights],
-        )
-        if out["config"]["world_size"] > 1:
-            import torch.distributed as dist
-
-            if dist.get_rank() != 0:
-                return  # rank 0 reports and writes; every rank holds the same results
-        print(markdown_table(out))
-        if args.output:
-            write_run(out, args.output)
-            print(f"\nwritten to {args.output}/results.json")
+        try:
+            _run_eval(args, evaluate, options_from_args, markdown_table, write_run)
+        except OSError as exc:  # a full disk, a folder gone: one line, what was done is kept
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(f"{exc.strerror or exc}: {exc.filename or ''}") from None
 
     p.set_defaults(func=run)
+
+
+def _lm_eval_model_args(args) -> None:
+    """lm-eval's ``--model hf --model_args pretrained=X,dtype=Y,max_length=N`` onto pyfast's
+    --model / --dtype / max_length; other keys are refused (one line naming them)."""
+    args.max_length = None
+    if args.model_args is None:
+        if args.model in ("hf", "huggingface"):
+            raise ValueError(f"--model {args.model} needs --model_args pretrained=MODEL")
+        return
+    if args.model not in ("default", "hf", "huggingface"):
+        raise ValueError(
+            f"--model_args goes with lm-eval's --model hf, not --model {args.model}; "
+            "give the model as --model PATH or --model_args pretrained=PATH"
+        )
+    kw = {}
+    for part in args.model_args.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not (sep and key and value):
+            raise ValueError(f"--model_args entry {part!r} must be KEY=VALUE")
+        kw[key] = value
+    unknown = sorted(set(kw) - {"pretrained", "dtype", "max_length"})
+    if unknown:
+        raise ValueError(
+            f"--model_args: unsupported key(s) {', '.join(unknown)}; pyfast maps pretrained, "
+            "dtype and max_length (use pyfast's own flags for the rest)"
+        )
+    if "pretrained" not in kw:
+        raise ValueError("--model_args needs pretrained=MODEL")
+    args.model = kw["pretrained"]
+    if "dtype" in kw:
+        args.dtype = {"auto": "float32"}.get(kw["dtype"], kw["dtype"])
+    if "max_length" in kw:
+        try:
+            args.max_length = int(kw["max_length"])
+        except ValueError:
+            raise ValueError(
+                f"--model_args max_length must be an integer: {kw['max_length']!r}"
+            ) from None
+        if args.max_length < 2:
+            raise ValueError(f"--model_args max_length must be >= 2, got {args.max_length}")
+
+
+def _run_eval(args, evaluate, options_from_args, markdown_table, write_run) -> None:
+    """evaluate() with the parsed arguments; prints the table, writes the run folder."""
+    out = evaluate(
+        args.model,
+        args.tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        data_dir=args.data_dir,
+        split=args.split,
+        seed=args.seed,
+        log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+        gen_kwargs=args.gen_kwargs,
+        output=args.output,
+        resume=args.resume,
+        task_options=options_from_args(args),
+        pack_weights={"auto": None, "on": True, "off": False}[args.pack_weights],
+        max_length=args.max_length,
+        progress=True,
+    )
+    if out["config"]["world_size"] > 1:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return  # rank 0 reports and writes; every rank holds the same results
+    print(markdown_table(out))
+    if args.output:
+        write_run(out, args.output, samples=False)  # evaluate wrote the samples
+        print(f"\nwritten to {args.output}/results.json")
 
 
 def _ls(sub):

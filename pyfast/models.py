@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -99,8 +100,22 @@ def default_model_folder() -> Path:
     return _convert_gguf(default_gguf_path(), out)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_shaped(spec: str) -> bool:
+    """Whether `spec` reads as a Hugging Face hub id ('org/name'), not a local path."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith(".") and ".." not in spec
+
+
 def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
-    """Where `spec` loads from: ('folder', path) | ('gguf', path); raises ValueError otherwise."""
+    """Where `spec` loads from: ('folder' | 'gguf' | 'lora' | 'hub', info); ValueError otherwise.
+
+    'lora': a PEFT adapter folder (adapter_config.json, no config.json) such as pyfast's LoRA
+    output; info["base"] is the base model it names (a spec resolved the same way). 'hub': a
+    path that does not exist here and is shaped like a hub id ('org/name'), left to
+    ``from_pretrained`` (which needs a network or the Hugging Face cache).
+    """
     spec = str(spec)
     if spec == DEFAULT_MODEL:
         return "folder", {"path": str(default_model_folder()), "source": "default (SmolLM2-135M)"}
@@ -110,35 +125,75 @@ def resolve_model(spec: str | os.PathLike) -> tuple[str, dict]:
             raise FileNotFoundError(f"model file not found: {path}")
         return "gguf", {"path": str(path)}
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model folder {path} has no config.json (not a Hugging Face model)")
-        return "folder", {"path": str(path)}
+        if (path / "config.json").is_file():
+            return "folder", {"path": str(path)}
+        if (path / "adapter_config.json").is_file():
+            return "lora", {"path": str(path), "base": _adapter_base(path)}
+        raise ValueError(
+            f"model folder {path} has neither config.json (a Hugging Face model) nor "
+            "adapter_config.json (a PEFT/LoRA adapter)"
+        )
+    if path.exists():
+        raise ValueError(f"model {spec!r} is a file, not a model folder or a .gguf file")
+    if _hub_shaped(spec):
+        return "hub", {"id": spec}
     raise ValueError(
-        f"model {spec!r} is neither 'default', a .gguf file nor a Hugging Face model folder "
-        "(hub ids are not downloaded here; pass a local path)"
+        f"model {spec!r} is neither 'default', a .gguf file nor a Hugging Face model or LoRA "
+        "adapter folder, nor a hub id (org/name)"
     )
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What a damaged or incomplete model file raises from from_pretrained: safetensors'
-    SafetensorError (a plain Exception), OSError from transformers and torch, and the
-    UnicodeDecodeError / JSON errors of a damaged config (ValueError)."""
-    errors: list[type[BaseException]] = [OSError, ValueError, EOFError]
+def _adapter_base(folder: Path) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``)."""
+    import json
+
+    where = folder / "adapter_config.json"
     try:
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-_LOAD_ERRORS = _load_errors()
+        base = json.loads(where.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where}: unreadable adapter config ({exc})") from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{where}: no base_model_name_or_path: cannot tell the base model")
+    return base
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _from_pretrained(cls, source: str, what: str, **kw):
+    """``cls.from_pretrained(source)`` with one-line errors: a corrupted or truncated weights
+    file, a missing file, a hub id that cannot be fetched (offline, unknown)."""
+    try:
+        return cls.from_pretrained(source, **kw)
+    except Exception as exc:  # the loaders raise OSError, ValueError, SafetensorError, ...
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        if not Path(source).exists():
+            offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                       if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]  # fmt: skip
+            why = f"{'/'.join(offline)} is set" if offline else detail
+            raise ValueError(
+                f"cannot load {what} {source!r}: not a local path and not loadable as a hub id "
+                f"({why})"
+            ) from None
+        raise ValueError(f"cannot load {what} from {source}: {detail}") from None
+
+
+def _load_lora(info: dict, device, torch_dtype):
+    """(merged model, tokenizer) of a PEFT adapter folder over the base model it names."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, tok, _ = load_model(info["base"], device=device, dtype=torch_dtype, fuse_blocks=False)
+    folder = Path(info["path"])
+    try:
+        wrapped = PeftModel.from_pretrained(base, str(folder))
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        raise ValueError(
+            f"cannot load the LoRA adapter {folder} over {info['base']!r}: "
+            f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        ) from None
+    if (folder / "tokenizer_config.json").is_file():  # pyfast saves the tokenizer beside
+        tok = _from_pretrained(AutoTokenizer, str(folder), "tokenizer")
+    return wrapped.merge_and_unload(), tok
 
 
 def load_model(
@@ -163,18 +218,21 @@ def load_model(
 
     kind, info = resolve_model(spec)
     torch_dtype = parse_dtype(dtype)
-    path = Path(info["path"])
-    try:
-        if kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch_dtype
-            )
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-            tok = AutoTokenizer.from_pretrained(str(path))
-    except _LOAD_ERRORS as exc:
-        raise ValueError(f"cannot load the model at {path}: {_first_line(exc)}") from None
+    if kind == "gguf":
+        path = Path(info["path"])
+        model = _from_pretrained(
+            AutoModelForCausalLM, str(path.parent), "model", gguf_file=path.name, dtype=torch_dtype
+        )
+        tok = _from_pretrained(AutoTokenizer, str(path.parent), "tokenizer", gguf_file=path.name)
+    elif kind == "lora":  # base + adapter, merged: a plain model for the fused paths
+        model, tok = _load_lora(info, device, torch_dtype)
+    else:
+        source = info["id"] if kind == "hub" else info["path"]
+        model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=torch_dtype)
+        tok = _from_pretrained(AutoTokenizer, source, "tokenizer")
+    # What PEFT records as an adapter's base (base_model_name_or_path): the spec the user gave,
+    # not the local (cache) folder it resolved to, so the adapter loads on another machine.
+    model.name_or_path = str(spec) if kind != "lora" else info["base"]
     model.to(device).eval()
     check_transformers()
     check_head(model)  # refuses a head whose logits pyfast's fused kernels would not give

@@ -262,7 +262,7 @@ def test_damaged_safetensors_are_one_line(used, tiny_train_dir, tmp_path, capsys
     fresh = [o for o in over if not o.startswith(("model.name", "output_dir"))]
     assert main(["train", *fresh, f"model.name={model}", f"output_dir={tmp_path / 'r'}"]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert f"cannot load the model at {model}" in err and "SafetensorError" in err
+    assert f"cannot load model from {model}" in err and "SafetensorError" in err
     last = ckpt.latest_checkpoint(out) / "model.safetensors"
     last.write_bytes(b"\x00" * 64)
     assert main(["train", *over, "--resume"]) == 2

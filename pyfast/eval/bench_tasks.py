@@ -184,6 +184,7 @@ class MTBenchTask:
     output: str | None = None
     seed: int = 1234
     max_new_tokens: int = mt_bench.MAX_NEW_TOKENS
+    progress: bool = False
     info: dict = field(default_factory=dict)
     _prompts: dict = field(default_factory=dict)
     _refs: dict = field(default_factory=dict)
@@ -209,6 +210,7 @@ class MTBenchTask:
             judge_loader=options.get("judge_loader"),
             output=str(options["output"]),
             seed=options.get("seed", 1234),
+            progress=bool(options.get("progress")),
             info={},
         )
 
@@ -247,6 +249,7 @@ class MTBenchTask:
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
             overrides=overrides,
+            progress=self.progress,
         )
         records = [
             [{**js[(q["question_id"], t)], "answers": answers[q["question_id"]]}] for q, t in pairs

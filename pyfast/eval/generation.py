@@ -35,10 +35,6 @@ class GenKwargs:
     top_k: int
     seed: int | None
 
-    def batch_key(self) -> tuple:
-        """Requests with equal keys may share a batch (the seed is per row)."""
-        return (self.max_gen_toks, self.do_sample, self.temperature, self.top_p, self.top_k)
-
 
 def _bool(value, key: str) -> bool:
     if isinstance(value, bool):

@@ -587,8 +587,13 @@ class HFLM(LM):
         targets = torch.tensor([rows[chunk[i]][1][k + 1] for i, k in sel])
         return h_cont[ii, kk], targets, torch.tensor(chunk)[ii]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], progress: Callable | None = None
+    ) -> list[tuple[float, bool]]:
         """Scores (context, continuation) pairs; returns [(logprob, is_greedy)] in input order.
+
+        `progress(requests, tokens)` is called after each forward batch with its number of
+        requests and of input tokens (context + continuation tokens of its groups).
 
         Raises ValueError for a continuation with no tokens or longer than max_length.
         """
@@ -603,14 +608,22 @@ class HFLM(LM):
                 if self.packed and self.segmented:
                     # One unpadded row per forward pass, up to batch_size * row_tokens tokens.
                     packs = _packs(groups, self.batch_size * self.row_tokens)
-                    scored = (self._score_packed([pack], self.segmented) for pack in packs)
+                    batches = [[pack] for pack in packs]
+                    score = lambda b: self._score_packed(b, self.segmented)  # noqa: E731
                 elif self.packed:
-                    scored = map(self._score_packed, self._padded_batches(groups))
+                    batches, score = self._padded_batches(groups), self._score_packed
                 else:
-                    scored = map(self._score_batch, self._batches(groups))
-                for batch_scores in scored:
+                    batches, score = [[[g] for g in b] for b in self._batches(groups)], None
+                for batch in batches:
+                    if score is None:
+                        batch_scores = self._score_batch([row[0] for row in batch])
+                    else:
+                        batch_scores = score(batch)
                     for i, lp, greedy in batch_scores:
                         results[i] = (lp, greedy)
+                    if progress is not None:
+                        n = sum(len(g.prefix) + sum(map(len, g.conts)) for r in batch for g in r)
+                        progress(len(batch_scores), n)
         finally:
             self.model.train(was_training)
         self.stats["requests"] += len(requests)
@@ -672,8 +685,10 @@ class HFLM(LM):
         tokens, the decoded text (special tokens skipped) is cut at the first stop string of
         ``until`` (plus the EOS string).
 
-        Requests with the same settings are length-sorted (longest first) and decoded with
-        continuous batching over one KV cache of up to ``batch_size`` rows: each prompt is
+        All requests are length-sorted (longest first) and decoded with continuous batching
+        over one KV cache of up to ``batch_size`` rows, whatever their settings (each row keeps
+        its own temperature, top_p/top_k, stop strings and max_gen_toks, so greedy and sampled
+        requests share batches): each prompt is
         prefilled on its own (no padding: the causal attention fast path), its cache joins the
         left-padded batch cache, then the batch decodes one token per step; a row leaves the
         batch as soon as it hits EOS, a stop string or max_gen_toks, and the next request takes
@@ -704,16 +719,13 @@ class HFLM(LM):
             if callback is not None:
                 callback(i, text)
 
-        by_settings: dict[tuple, list] = {}
-        for it in items:
-            by_settings.setdefault(it[2].batch_key(), []).append(it)
         was_training = self.model.training
         self.model.eval()
         try:
             with self._weights():
-                for group in by_settings.values():
-                    group.sort(key=lambda it: (-len(it[1]), it[0]))
-                    self._generate_group(group, finish)
+                if items:
+                    items.sort(key=lambda it: (-len(it[1]), it[0]))
+                    self._generate_group(items, finish)
         finally:
             self.model.train(was_training)
         self.stats["generation_requests"] = self.stats.get("generation_requests", 0) + len(items)
@@ -722,10 +734,18 @@ class HFLM(LM):
         )
         return results  # type: ignore[return-value]
 
-    def _pick(self, logits: torch.Tensor, g: GenKwargs, generators: list) -> torch.Tensor:
-        """Next token per row from float32 logits (A, V): argmax, or a seeded sample."""
-        if not g.do_sample:
-            return logits.argmax(-1)
+    def _pick(self, logits: torch.Tensor, settings: list, generators: list) -> torch.Tensor:
+        """Next token per row from float32 logits (A, V): argmax for greedy rows, a seeded
+        sample under the row's own settings for the others."""
+        tok = logits.argmax(-1)
+        for a, g in enumerate(settings):
+            if g.do_sample:
+                tok[a] = self._sample(logits[a : a + 1], g, generators[a])
+        return tok
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, g: GenKwargs, gen: torch.Generator) -> torch.Tensor:
+        """One token from float32 logits (1, V): temperature, top_k, top_p, then the draw."""
         logits = logits / g.temperature
         if g.top_k:
             kth = torch.topk(logits, min(g.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -737,8 +757,7 @@ class HFLM(LM):
             drop[:, 0] = False
             logits = logits.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
         probs = logits.softmax(-1).cpu()
-        picks = [torch.multinomial(probs[a], 1, generator=gen) for a, gen in enumerate(generators)]
-        return torch.cat(picks).to(logits.device)
+        return torch.multinomial(probs[0], 1, generator=gen).to(logits.device)
 
     def _stops(self, g: GenKwargs) -> list[str]:
         until = list(g.until)
@@ -758,16 +777,15 @@ class HFLM(LM):
 
     @torch.inference_mode()
     def _generate_group(self, group: list, finish: Callable[[int, str], None]) -> None:
-        """Continuous batching of (index, context ids, GenKwargs) sharing their settings."""
+        """Continuous batching of (index, context ids, GenKwargs), each row on its settings."""
         from transformers.cache_utils import DynamicLayer
 
-        dev, g = self.device, group[0][2]
-        until = self._stops(g)
-        window = max(len(s.encode("utf-8")) for s in until) + 2  # tokens that can hold a stop
+        dev = self.device
         eos_ids = self._eos_ids()
         queue = deque(group)
         capacity = self.batch_size
-        rows: list[list] = []  # [request index, generated ids, generator] per cache row
+        # [request index, generated ids, generator, GenKwargs, stop strings, stop window] per row
+        rows: list[list] = []
         cache = mask = next_pos = logits = None  # mask (A, L) left-padded; next_pos (A, 1)
         while queue or rows:
             while queue and len(rows) < capacity:  # admit: prefill one prompt, unpadded
@@ -777,7 +795,9 @@ class HFLM(LM):
                     capacity = 1  # caches that cannot be padded and joined: one row at a time
                 gen = torch.Generator()
                 gen.manual_seed(gk.seed if gk.seed is not None else 1234 + i)
-                rows.append([i, [], gen])
+                until = self._stops(gk)
+                window = max(len(s.encode("utf-8")) for s in until) + 2  # tokens holding a stop
+                rows.append([i, [], gen, gk, until, window])
                 n = len(ids)
                 if cache is None:
                     cache, logits = row_cache, row_logits
@@ -796,13 +816,14 @@ class HFLM(LM):
                 mask = torch.cat([_left_pad(mask, width, dim=1), _left_pad(ones, width, dim=1)])
                 next_pos = torch.cat([next_pos, torch.full((1, 1), n, device=dev)])
                 logits = torch.cat([logits, row_logits])
-            tok = self._pick(logits, g, [r[2] for r in rows])  # (A,)
+            tok = self._pick(logits, [r[3] for r in rows], [r[2] for r in rows])  # (A,)
             keep = []
             for a, (row, t) in enumerate(zip(rows, tok.tolist(), strict=True)):
+                _, ids, _, gk, until, window = row
                 if t not in eos_ids:
-                    row[1].append(t)
-                    tail = self.tokenizer.decode(row[1][-window:], skip_special_tokens=True)
-                    if len(row[1]) < g.max_gen_toks and not any(s and s in tail for s in until):
+                    ids.append(t)
+                    tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
+                    if len(ids) < gk.max_gen_toks and not any(s and s in tail for s in until):
                         keep.append(a)
                         continue
                 self.stats["generated_tokens"] = self.stats.get("generated_tokens", 0) + len(row[1])

@@ -159,38 +159,51 @@ def generate_answers(
     *,
     max_new_tokens: int,
     seed: int,
-    batch: int = 8,
+    batch: int | None = None,
     overrides: dict | None = None,
+    progress: bool = False,
 ) -> dict[int, list[str]]:
-    """Both turns of every question not yet in `cache` (a batch of questions per turn).
+    """Both turns of every question not yet in `cache`, `batch` questions (default: the LM's
+    batch size) per generate_until call per turn: every category in the same batch, each row on
+    its own temperature and stopping at EOS or its max new tokens (continuous batching, see
+    :meth:`pyfast.eval.HFLM.generate_until`); answers cached after each chunk.
 
     `overrides` (``--gen-kwargs``) replace generation settings of every request.
     """
+    from pyfast.eval.progress import Progress
+
+    batch = batch or max(8, int(getattr(lm, "batch_size", 8)))
     todo = [q for q in questions if cache.get(str(q["question_id"])) is None]
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        convs: list[list[dict]] = [[] for _ in chunk]
-        for turn in range(2):
-            requests = []
-            for q, conv in zip(chunk, convs, strict=True):
-                conv.append({"role": "user", "content": q["turns"][turn]})
-                kw = _gen_kwargs(q["category"], max_new_tokens, seed + 2 * q["question_id"] + turn)
-                requests.append((lm.apply_chat_template(conv), {**kw, **(overrides or {})}))
-            outs = lm.generate_until(requests)
-            for conv, text in zip(convs, outs, strict=True):
-                conv.append({"role": "assistant", "content": text.strip()})
-        cache.put_many(
-            [
-                {
-                    "key": str(q["question_id"]),
-                    "question_id": q["question_id"],
-                    "category": q["category"],
-                    "answers": [conv[1]["content"], conv[3]["content"]],
-                }
-                for q, conv in zip(chunk, convs, strict=True)
-            ]
-        )
+    with Progress(progress).bar(2 * len(todo), "mt_bench answers", "turn") as bar:
+        for start in range(0, len(todo), batch):
+            _answer_chunk(lm, todo[start : start + batch], cache, max_new_tokens, seed, overrides)
+            bar.update(2 * len(todo[start : start + batch]))
     return {q["question_id"]: cache.get(str(q["question_id"]))["answers"] for q in questions}
+
+
+def _answer_chunk(lm, chunk, cache, max_new_tokens, seed, overrides) -> None:
+    """Both turns of the questions of `chunk` (one generate_until call per turn), cached."""
+    convs: list[list[dict]] = [[] for _ in chunk]
+    for turn in range(2):
+        requests = []
+        for q, conv in zip(chunk, convs, strict=True):
+            conv.append({"role": "user", "content": q["turns"][turn]})
+            kw = _gen_kwargs(q["category"], max_new_tokens, seed + 2 * q["question_id"] + turn)
+            requests.append((lm.apply_chat_template(conv), {**kw, **(overrides or {})}))
+        outs = lm.generate_until(requests)
+        for conv, text in zip(convs, outs, strict=True):
+            conv.append({"role": "assistant", "content": text.strip()})
+    cache.put_many(
+        [
+            {
+                "key": str(q["question_id"]),
+                "question_id": q["question_id"],
+                "category": q["category"],
+                "answers": [conv[1]["content"], conv[3]["content"]],
+            }
+            for q, conv in zip(chunk, convs, strict=True)
+        ]
+    )
 
 
 def judge_prompt(
@@ -217,33 +230,50 @@ def judge_prompt(
 
 
 def judge_answers(
-    judge, pairs: list[tuple[dict, int]], answers: dict, prompts: dict, refs: dict, cache: Cache
+    judge,
+    pairs: list[tuple[dict, int]],
+    answers: dict,
+    prompts: dict,
+    refs: dict,
+    cache: Cache,
+    progress: bool = False,
 ) -> dict[tuple[int, int], dict]:
     """Judgement record per (question, turn) pair; failures are rated -1 and not cached."""
+    from pyfast.eval.progress import Progress
+
     out = {}
-    for q, turn in pairs:
-        key = f"{q['question_id']}:{turn}"
-        row = cache.get(key)
-        if row is None:
-            name, system, user = judge_prompt(q, answers[q["question_id"]], turn, prompts, refs)
-            try:
-                text, error = judge.complete(system, user), None
-            except JudgeError as exc:
-                text, error = "$ERROR$", str(exc)
-            row = {
-                "key": key,
-                "question_id": q["question_id"],
-                "turn": turn,
-                "category": q["category"],
-                "prompt": name,
-                "judgement": text,
-                "rating": parse_rating(text) if error is None else -1.0,
-                "error": error,
-            }
-            if error is None:
-                cache.put_many([row])
-        out[(q["question_id"], turn)] = row
+    with Progress(progress).bar(len(pairs), "mt_bench judging", "turn") as bar:
+        for q, turn in pairs:
+            out[(q["question_id"], turn)] = _judge_one(
+                judge, q, turn, answers, prompts, refs, cache
+            )
+            bar.update(1)
     return out
+
+
+def _judge_one(judge, q, turn, answers, prompts, refs, cache) -> dict:
+    """Judgement record of one (question, turn); from `cache` where it is there."""
+    key = f"{q['question_id']}:{turn}"
+    row = cache.get(key)
+    if row is None:
+        name, system, user = judge_prompt(q, answers[q["question_id"]], turn, prompts, refs)
+        try:
+            text, error = judge.complete(system, user), None
+        except JudgeError as exc:
+            text, error = "$ERROR$", str(exc)
+        row = {
+            "key": key,
+            "question_id": q["question_id"],
+            "turn": turn,
+            "category": q["category"],
+            "prompt": name,
+            "judgement": text,
+            "rating": parse_rating(text) if error is None else -1.0,
+            "error": error,
+        }
+        if error is None:
+            cache.put_many([row])
+    return row
 
 
 def _summary(ratings: list[float]) -> tuple[float | None, float | None]:
@@ -320,6 +350,7 @@ def answer_and_judge(
     max_new_tokens,
     seed,
     overrides: dict | None = None,
+    progress: bool = False,
 ) -> tuple[dict, dict, dict]:
     """Answers of the pairs' questions and judgements of the pairs, both cached in `output`.
 
@@ -337,10 +368,11 @@ def answer_and_judge(
         max_new_tokens=max_new_tokens,
         seed=seed,
         overrides=overrides,
+        progress=progress,
     )
     t1 = time.perf_counter()
     judge_cache = Cache(output / "mt_bench_judgements.jsonl", "judge", judge.identity)
-    judgements = judge_answers(judge, pairs, answers, prompts, refs, judge_cache)
+    judgements = judge_answers(judge, pairs, answers, prompts, refs, judge_cache, progress)
     timings = {"answer_s": round(t1 - t0, 3), "judge_s": round(time.perf_counter() - t1, 3)}
     return answers, judgements, timings
 

@@ -303,3 +303,20 @@ def test_cli_generation_flags(tiny_model_dir, tmp_path, capsys):
     assert "unknown key 'temprature'" in capsys.readouterr().err
     assert main(["eval", "--tasks", "gsm8k", "--resume"]) == 2
     assert "--resume needs --output" in capsys.readouterr().err
+
+
+def test_greedy_and_sampled_rows_share_batches(tiny_model, tiny_tokenizer):
+    """Per-row settings: greedy, two temperatures and two lengths decode in one batch, each row
+    giving what it gives alone (MT-Bench's categories no longer split the batch)."""
+    kinds = [
+        {"max_gen_toks": 10},
+        {"do_sample": True, "temperature": 50.0, "seed": 3, "max_gen_toks": 10},
+        {"do_sample": True, "temperature": 0.5, "top_k": 5, "seed": 4, "max_gen_toks": 6},
+        {"max_gen_toks": 4, "until": ["\n"]},
+    ]
+    reqs = [(c, dict(k)) for c, k in zip(CONTEXTS, kinds, strict=False)]
+    alone = [HFLM(tiny_model, tiny_tokenizer, batch_size=1).generate_until([r])[0] for r in reqs]
+    lm = HFLM(tiny_model, tiny_tokenizer, batch_size=8)
+    assert lm.generate_until(reqs) == alone
+    # one prefill per request, then shared decode steps: at most the longest row's 10 - 1
+    assert lm.stats["forward_passes"] <= len(reqs) + 9
