@@ -139,7 +139,7 @@ class AlignRecipe(Recipe):
         with self.autocast():
             chosen, rejected, path, cached = reference_logps(
                 model, pairs, pad_id_of(self.tokenizer), folder, a.reference_batch_size,
-                self._model_key, self._pack,
+                self._model_key, self._pack, self.cfg.progress and self.rank == 0,
             )  # fmt: skip
         how = "read from" if cached else "computed, cached in"
         self.log(f"reference log-probs of {len(pairs)} pairs {how} {path}")

@@ -61,21 +61,28 @@ def compute_reference_logps(
     pad_id: int,
     batch_size: int = 8,
     pack_weights: bool | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (N,) float32 of every chosen and rejected answer under `model` in eval
     mode (adapters disabled for peft models; float32 CPU linear layers on packed weights,
-    :func:`pyfast.ops.packed_linear.packed_for_inference`; `pack_weights` False: off)."""
+    :func:`pyfast.ops.packed_linear.packed_for_inference`; `pack_weights` False: off). With
+    `progress`, a bar on stderr (a terminal only) counts the pairs."""
+    from pyfast.eval.progress import Progress
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
     try:
-        with _adapters_off(model), packed_for_inference(model, pack_weights):
+        bar = Progress(progress).bar(len(pairs), "reference pass", "pair")
+        with _adapters_off(model), packed_for_inference(model, pack_weights), bar:
             for i in range(0, len(pairs), batch_size):
                 batch = collate_shared_prompt(pairs[i : i + batch_size], pad_id)
                 lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
                 chosen.append(lp.chosen.float().cpu())
                 rejected.append(lp.rejected.float().cpu())
+                tokens = int(batch["prompt_mask"].sum() + batch["answer_mask"].sum())
+                bar.tokens_done(len(lp.chosen), tokens)
     finally:
         model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
@@ -89,6 +96,7 @@ def reference_logps(
     batch_size: int = 8,
     model_key: str | None = None,
     pack_weights: bool | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
     """Cached :func:`compute_reference_logps`: returns (chosen, rejected, cache file, was_cached).
 
@@ -106,7 +114,9 @@ def reference_logps(
         t = load_file(str(path))
         if t["chosen"].shape[0] == len(pairs):
             return t["chosen"], t["rejected"], path, True
-    chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size, pack_weights)
+    chosen, rejected = compute_reference_logps(
+        model, pairs, pad_id, batch_size, pack_weights, progress
+    )
     meta = {"model": model_key, "pairs": str(len(pairs)), "version": CACHE_VERSION}
     atomic_write(
         path,

@@ -177,3 +177,29 @@ def test_reference_pass_on_packed_weights(tiny_model, pairs, tokenizer, monkeypa
     assert torch.allclose(got_c, want_c, rtol=1e-5, atol=1e-4)  # ... to float32 rounding
     assert torch.allclose(got_r, want_r, rtol=1e-5, atol=1e-4)
     assert not any("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+
+
+def test_reference_pass_progress_counts_every_pair(tiny_model, pairs, tokenizer, monkeypatch):
+    """With progress on, the reference pass's bar counts each pair once (same log-probs)."""
+    from pyfast.align.reference import compute_reference_logps
+    from pyfast.eval import progress
+
+    pad = tokenizer.eos_token_id
+    want = compute_reference_logps(tiny_model, pairs, pad, batch_size=3, pack_weights=False)
+    counted, enabled = [], []
+    real_init = progress._Bar.__init__
+
+    def init(self, total, desc, unit, on):
+        enabled.append((total, desc, on))
+        real_init(self, total, desc, unit, on)
+
+    monkeypatch.setattr(progress._Bar, "__init__", init)
+    monkeypatch.setattr(
+        progress._Bar, "tokens_done", lambda self, n, tokens: counted.append((n, tokens))
+    )
+    got = compute_reference_logps(
+        tiny_model, pairs, pad, batch_size=3, pack_weights=False, progress=True
+    )
+    assert enabled == [(len(pairs), "reference pass", True)]
+    assert sum(n for n, _ in counted) == len(pairs) and all(t > 0 for _, t in counted)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -178,7 +178,7 @@ def test_generation_path_with_a_tiny_model(tiny_model, tiny_tokenizer):
 
 def test_cli_refuses_a_downgraded_sandbox(tmp_path, problems, monkeypatch, capsys):
     """unshare refused by the kernel (simulated with a seccomp wrapper): the CLI exits 2 with one
-    line naming the layer and the flag; nothing runs, nothing is written."""
+    line naming the layer and the flag; nothing runs, no sample is written."""
     from pyfast.cli import main
     from pyfast.eval import sandbox
 
@@ -193,7 +193,13 @@ def test_cli_refuses_a_downgraded_sandbox(tmp_path, problems, monkeypatch, capsy
     assert main([*args, "--allow-code-execution", "--limit", "2", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "layer namespaces" in err[0] and "--sandbox weak" in err[0], err
-    assert not (out / "results.json").exists()
+    # results.json is written first (the run's config, then its status): the refusal is
+    # recorded there, and no sample ran or was written
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and not res.get("results"), res
+    assert not list(out.glob("samples_*"))
     monkeypatch.setattr(sandbox, "LAUNCH_PREFIX", ())
     rc = main([*args, "--allow-code-execution", "--limit", "2", "--output", str(out), "--sandbox",
                "weak", "--log-samples"])  # fmt: skip
